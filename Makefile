@@ -1,0 +1,63 @@
+# captionlab: two commands on a fresh machine: `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+TORCH_PIN := torch==2.14.1 torchvision==0.29.1
+export CAPTIONLAB_CACHE ?= $(CURDIR)/.cache
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export MPLBACKEND ?= Agg
+PARAMS ?= params/demo.yaml
+
+.PHONY: venv java chromium test demo bench world report clean help
+
+help:
+	@echo "make demo   - set up .venv, build the demo world, run every notebook, render reports/"
+	@echo "make test   - set up .venv and run the test suite"
+	@echo "make bench  - run the benchmarks (reports/bench/)"
+
+# The stamp depends on pyproject.toml so a dependency change reinstalls.
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -U pip
+	$(PIP) install -q $(TORCH_PIN)
+	$(PIP) install -q -e '.[dev]'
+	@touch $@
+
+venv: $(VENV)/.installed java
+
+# Java runs the PTB tokenizer (CIDEr exactly as the course grades it) and METEOR.
+java:
+	@if command -v java >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "Installing Java (default-jre-headless) for the PTB tokenizer..."; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq default-jre-headless >/dev/null) \
+	  || { echo "ERROR: could not install default-jre-headless; install Java 11+ by hand (CIDEr needs it)."; exit 1; }; \
+	else echo "ERROR: java is missing. Install it (Debian/Ubuntu: sudo apt-get install default-jre-headless; conda: conda install openjdk)."; exit 1; fi
+
+# Headless Chromium prints the HTML report to PDF; without it the report is HTML only (with a warning).
+chromium:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || command -v google-chrome >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "Installing chromium and poppler-utils for PDF rendering..."; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium poppler-utils >/dev/null) \
+	  || echo "WARNING: could not install chromium; reports will be HTML only."; \
+	else echo "WARNING: chromium is missing (sudo apt-get install chromium); reports will be HTML only."; fi
+
+test: venv
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+world: venv
+	$(VENV)/bin/captionlab world build --models
+
+demo: venv chromium
+	$(VENV)/bin/captionlab report run --params $(PARAMS)
+
+bench: venv
+	$(PY) benchmarks/run.py
+
+clean:
+	rm -rf reports/* .pytest_cache
