@@ -44,3 +44,33 @@ def demo_llava(demo_world: Path) -> Path:
     from captionlab.demo import ensure_model
 
     return ensure_model("llava", 0)
+
+
+@pytest.fixture(scope="session")
+def tiny_captioner_models(demo_world: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Untrained tiny HF CLIP vision tower (64 px, 4x4 patches) + GPT-2 (BPE on demo captions): captioner specs."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, GPT2Config, GPT2LMHeadModel,
+                              PreTrainedTokenizerFast)
+
+    from captionlab.data import load_captions
+
+    out = tmp_path_factory.mktemp("tiny_captioner")
+    texts = [c for caps in load_captions(demo_world / "p2_data" / "train.json").captions.values() for c in caps]
+    torch.manual_seed(0)
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                     image_size=64, patch_size=16)).save_pretrained(out / "clip")
+    CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}).save_pretrained(out / "clip")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator(texts[:5000], trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                              show_progress=False))
+    eos = "<|endoftext|>"
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=eos, bos_token=eos, pad_token=eos)
+    gpt = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=64, n_layer=2, n_head=4,
+                                     bos_token_id=0, eos_token_id=0))
+    gpt.save_pretrained(out / "gpt2")
+    tok.save_pretrained(out / "gpt2")
+    return {"encoder": f"hfclip:{out / 'clip'}", "decoder": str(out / "gpt2"), "root": str(out)}

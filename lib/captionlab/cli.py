@@ -12,6 +12,7 @@ COMMAND_MODULES = [
     "captionlab.data.commands",  # world build
     "captionlab.metrics.commands",  # evaluate
     "captionlab.models.commands",  # caption, llava, zeroshot, train
+    "captionlab.attention.commands",  # attention series / faithfulness
     "captionlab.report.commands",  # report run / sweep
 ]
 

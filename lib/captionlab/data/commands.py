@@ -1,0 +1,84 @@
+"""`captionlab world build|info`: generate the demo world (and optionally its tiny models), show what is built."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+from pathlib import Path
+
+DEMO_MODELS = ("clip", "gpt2", "llava")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the `world` command group."""
+    world = sub.add_parser("world", help="build or inspect the demo world (seeded shapes dataset + tiny models)")
+    wsub = world.add_subparsers(dest="world_command", metavar="ACTION")
+    build = wsub.add_parser("build", help="generate the demo world in the course layout")
+    build.add_argument("--root", type=Path, default=None, help="output directory (default: the cache's demo/seed<S>)")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--force", action="store_true", help="rebuild even if an up-to-date world exists")
+    build.add_argument("--models", action="store_true", help="also train the tiny demo models (clip, gpt2, llava)")
+    build.set_defaults(func=_build)
+    info = wsub.add_parser("info", help="print a built world's world.json summary and its models")
+    info.add_argument("--root", type=Path, default=None)
+    info.add_argument("--seed", type=int, default=0)
+    info.set_defaults(func=_info)
+    world.set_defaults(func=lambda args: (world.print_help(), 1)[1])
+
+
+def _root(args: argparse.Namespace) -> Path:
+    from captionlab.demo import world_root
+
+    return args.root if args.root is not None else world_root(args.seed)
+
+
+def _build(args: argparse.Namespace) -> int:
+    from captionlab.data import world
+    from captionlab.demo import MODEL_BUILDERS, ensure_model, ensure_world
+
+    root = _root(args)
+    if args.force:
+        world.build_world(root, seed=args.seed)
+    else:
+        ensure_world(args.seed, root)
+    info = world.world_info(root)
+    print(f"world: {root} (generator v{info['generator_version']}, seed {info['seed']}, "
+          f"built in {info['build_seconds']} s)")
+    if args.models:
+        for name in DEMO_MODELS:
+            module_name = MODEL_BUILDERS[name][0].split(":")[0]
+            try:
+                importlib.import_module(module_name)
+            except ModuleNotFoundError as exc:
+                if exc.name == module_name:
+                    print(f"model {name}: skipped ({module_name} is not available yet)")
+                    continue
+                raise
+            print(f"model {name}: {ensure_model(name, args.seed, root)}")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from captionlab.data import world
+    from captionlab.demo import MARKER
+    from captionlab.errors import DataError
+
+    root = _root(args)
+    try:
+        info = world.world_info(root)
+    except FileNotFoundError as exc:
+        raise DataError(str(exc)) from None
+    print(f"world: {root}")
+    for key in ("generator_version", "seed", "image_size", "build_seconds"):
+        print(f"  {key}: {info.get(key)}")
+    print("  sizes: " + ", ".join(f"{k}={v}" for k, v in info["sizes"].items()))
+    print("  vocab: " + "; ".join(f"{k}: {' '.join(v)}" for k, v in info["vocab"].items() if k != "relations"))
+    for name in DEMO_MODELS:
+        marker = root / "models" / name / MARKER
+        if marker.exists():
+            m = json.loads(marker.read_text())
+            print(f"  model {name}: v{m.get('version')} ({m.get('seconds')} s) {marker.parent}")
+        else:
+            print(f"  model {name}: not built")
+    return 0

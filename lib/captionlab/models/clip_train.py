@@ -1,0 +1,350 @@
+"""Train the demo world's tiny CLIP: a word-level fast tokenizer + an HF `CLIPModel` at 64 px, saved with its processor.
+
+The checkpoint is an ordinary HF directory: `CLIPModel.from_pretrained(dir)` / `CLIPProcessor.from_pretrained(dir)`.
+Text pooling: transformers pools at the first `eos_token_id` unless that id is the legacy value 2 (then it takes the
+argmax token id), so the tokenizer gives <|endoftext|> id 3 and the config says so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SPECIAL_TOKENS = ("<pad>", "<unk>", "<|startoftext|>", "<|endoftext|>")  # ids 0, 1, 2, 3
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = range(4)
+CONTEXT_LENGTH = 32
+IMAGE_SIZE = 64
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+# Words the zero-shot / CLIPScore prompts may use beyond the world's captions (unknown words map to <unk>).
+EXTRA_WORDS = ["a", "an", "the", "this", "that", "these", "those", "it", "its", "is", "are", "was", "be", "of", "photo", "photograph", "picture", "image", "drawing", "painting", "sketch", "rendering", "render", "cartoon", "illustration", "snapshot", "close-up", "close", "up", "cropped", "bright", "dark", "good", "bad", "blurry", "clean", "low", "high", "resolution", "pixelated", "jpeg", "small", "large", "big", "little", "tiny", "huge", "one", "two", "three", "four", "five", "many", "some", "several", "single", "object", "objects", "shape", "shapes", "thing", "things", "kind", "type", "class", "label", "not", "no", "score", "caption", "there", "with", "without", "and", "or", "in", "on", "at", "to", "from", "by", "for", "of", "near", "next", "left", "right", "top", "bottom", "above", "below", "centre", "center", "middle", "background", "foreground", "colour", "color", "coloured", "colored", "geometric", "simple", "plain", "scene", "showing", "shows", ".", ",", ":", ";", "-", "'", "!", "?", "(", ")", '"']
+PROMPT_TEMPLATES = ("a photo of a {}", "a {}", "this is a photo of a {}", "a picture of a {}", "an image of a {}")
+
+
+@dataclass
+class ClipTrainConfig:
+    """Architecture and optimisation of the tiny CLIP (2500 steps: ~640 s on one thread of a busy 2-core box)."""
+
+    hidden: int = 128
+    vision_layers: int = 4
+    text_layers: int = 2
+    mlp_ratio: int = 2
+    heads: int = 4
+    patch: int = 8
+    projection_dim: int = 128
+    batch_size: int = 64
+    steps: int = 2500
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup: int = 100
+    cls_fraction: float = 0.75  # share of each batch drawn from the single-object classification images
+    extra_cls_images: int = 8000  # fresh single-object scenes drawn in memory (50/class alone overfits)
+
+
+# ----------------------------------------------------------------------------------------------- tokenizer
+
+
+def build_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:  # noqa: F821
+    """A lower-casing word-level fast tokenizer over `texts` + EXTRA_WORDS, wrapping text in bos/eos."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    pre = pre_tokenizers.Whitespace()
+    words = set(EXTRA_WORDS)
+    for t in texts:
+        words.update(w for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(t)))
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for w in sorted(words - set(vocab)):
+        vocab[w] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre, decoders.WordPiece(prefix="##")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>", pair="<|startoftext|> $A <|endoftext|> $B <|endoftext|>",
+        special_tokens=[("<|startoftext|>", BOS_ID), ("<|endoftext|>", EOS_ID)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<pad>",
+        unk_token="<unk>", model_max_length=CONTEXT_LENGTH, padding_side="right", truncation_side="right")
+
+
+def build_processor(tokenizer: PreTrainedTokenizerFast) -> CLIPProcessor:  # noqa: F821
+    """CLIPProcessor: 64 px resize + centre crop, CLIP mean/std, and `tokenizer`."""
+    from transformers import CLIPImageProcessor, CLIPProcessor
+
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        do_resize=True, do_center_crop=True, do_rescale=True, do_normalize=True,
+        image_mean=CLIP_MEAN, image_std=CLIP_STD, do_convert_rgb=True)
+    return CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def build_model(cfg: ClipTrainConfig, vocab_size: int) -> CLIPModel:  # noqa: F821
+    """A randomly initialised tiny HF CLIPModel."""
+    from transformers import CLIPConfig, CLIPModel
+
+    text = dict(vocab_size=vocab_size, hidden_size=cfg.hidden, intermediate_size=cfg.mlp_ratio * cfg.hidden,
+                num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.heads,
+                max_position_embeddings=CONTEXT_LENGTH, pad_token_id=PAD_ID, bos_token_id=BOS_ID,
+                eos_token_id=EOS_ID, projection_dim=cfg.projection_dim)
+    vision = dict(hidden_size=cfg.hidden, intermediate_size=cfg.mlp_ratio * cfg.hidden, num_hidden_layers=cfg.vision_layers,
+                  num_attention_heads=cfg.heads, image_size=IMAGE_SIZE, patch_size=cfg.patch,
+                  projection_dim=cfg.projection_dim)
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=cfg.projection_dim)
+    return CLIPModel(config)
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def _pixels(paths: list[Path]) -> np.ndarray:
+    """(N, 3, 64, 64) uint8 pixels; images already are 64x64 so resize + centre crop are identities."""
+    from captionlab.data import load_image
+
+    out = np.empty((len(paths), 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+    for i, p in enumerate(paths):
+        img = load_image(p)
+        if img.size != (IMAGE_SIZE, IMAGE_SIZE):
+            raise ValueError(f"{p}: expected a {IMAGE_SIZE}x{IMAGE_SIZE} demo image, got {img.size}")
+        out[i] = np.asarray(img).transpose(2, 0, 1)
+    return out
+
+
+def load_training_data(world_root: Path) -> dict[str, Any]:
+    """p2 train images with their captions, and p1 classification images with their labels."""
+    from captionlab.data import load_captions, load_id2label, load_objects
+
+    cs = load_captions(world_root / "p2_data" / "train.json")
+    cap_paths = [cs.image_path(world_root / "p2_data" / "images" / "train", s) for s in cs.stems]
+    id2label = load_id2label(world_root / "p1_data" / "id2label.json")
+    cls_paths = sorted((world_root / "p1_data" / "train").glob("*.png"))
+    cls_labels = [int(p.stem.split("_")[0]) for p in cls_paths]
+    objects = load_objects(world_root / "p2_data" / "objects_train.json")
+    present = [{(o["colour"], o["shape"]) for o in objects[s]} for s in cs.stems]
+    return {"cap_pixels": _pixels(cap_paths), "captions": [cs.captions[s] for s in cs.stems], "cap_present": present,
+            "cls_pixels": _pixels(cls_paths), "cls_labels": cls_labels, "id2label": id2label}
+
+
+def extra_single_object_images(n: int, seed: int) -> tuple[np.ndarray, list[int]]:
+    """`n` single-object scenes (label i % 20) from the world generator, in memory, on their own seed stream."""
+    from captionlab.data.world import CLASS_NAMES, SIZES, render_scene
+
+    pix = np.empty((n, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+    labels = [i % len(CLASS_NAMES) for i in range(n)]
+    for i in range(n):
+        rng = np.random.default_rng([seed, 1000, i])
+        colour, shape = CLASS_NAMES[labels[i]].split()
+        size = list(SIZES)[int(rng.integers(len(SIZES)))]
+        img, _, _, _ = render_scene(rng, [(colour, shape, size, None)])
+        pix[i] = np.asarray(img).transpose(2, 0, 1)
+    return pix, labels
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+def hard_negative(caption: str, present: set[tuple[str, str]], rng: np.random.Generator) -> str:
+    """`caption` with one named object's shape (or colour) swapped for one absent from the image."""
+    from captionlab.data.world import COLOURS, MENTION_RE, SHAPES
+
+    mentions = list(MENTION_RE.finditer(caption))
+    if not mentions:
+        return caption
+    m = mentions[int(rng.integers(len(mentions)))]
+    colour, shape = m.group(1), m.group(2)
+    shapes = [s for s in SHAPES if (colour, s) not in present]
+    if shapes and rng.random() < 0.75:
+        new = f"{colour} {shapes[int(rng.integers(len(shapes)))]}"
+    else:
+        colours = [c for c in COLOURS if (c, shape) not in present]
+        new = f"{colours[int(rng.integers(len(colours)))]} {shape}"
+    plural = "s" if m.group(0).endswith("s") else ""
+    return caption[:m.start()] + new + plural + caption[m.end():]
+
+
+def _features(out: Any) -> torch.Tensor:  # noqa: F821
+    """get_*_features returns a tensor (transformers 4) or an output whose pooler_output is projected (5)."""
+    return out if hasattr(out, "ndim") else out.pooler_output
+
+
+
+def _lr_at(step: int, cfg: ClipTrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def train_tiny_clip(world_root: Path, out_dir: Path, seed: int, cfg: ClipTrainConfig | None = None) -> dict[str, Any]:
+    """Train the tiny CLIP contrastively on the demo world and save model + processor + train_log.json in out_dir."""
+    import torch
+
+    cfg = cfg or ClipTrainConfig()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a shared 2-core box, 2 spinning threads ran up to 15x slower than one
+    try:
+        return _train(Path(world_root), Path(out_dir), seed, cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(world_root: Path, out_dir: Path, seed: int, cfg: ClipTrainConfig) -> dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    from captionlab.utils import atomic_write_json
+
+    t0 = time.time()
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    data = load_training_data(world_root)
+    extra_pix, extra_y = extra_single_object_images(cfg.extra_cls_images, seed)
+    data["cls_pixels"] = np.concatenate([data["cls_pixels"], extra_pix])
+    data["cls_labels"] = list(data["cls_labels"]) + extra_y
+    labels = [data["id2label"][i] for i in sorted(data["id2label"])]
+    all_texts = [c for caps in data["captions"] for c in caps] + [t.format(lab) for t in PROMPT_TEMPLATES for lab in labels]
+    tokenizer = build_tokenizer(all_texts)
+    processor = build_processor(tokenizer)
+    model = build_model(cfg, vocab_size=len(tokenizer))
+    model.train()
+
+    cap_pix = torch.from_numpy(data["cap_pixels"])
+    cls_pix = torch.from_numpy(data["cls_pixels"])
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    cls_present = [{tuple(labels[k].split())} for k in range(len(labels))]
+
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embedding" in n]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    n_cls = round(cfg.batch_size * cfg.cls_fraction)
+    n_cap = cfg.batch_size - n_cls
+    losses: list[float] = []
+    cls_acc: list[float] = []
+    bar = tqdm(range(cfg.steps), desc="train tiny CLIP", leave=False)
+    for step in bar:
+        ci = rng.integers(len(cap_pix), size=n_cap)
+        ki = rng.integers(len(cls_pix), size=n_cls)
+        template = PROMPT_TEMPLATES[int(rng.integers(len(PROMPT_TEMPLATES)))]
+        cls_y = [data["cls_labels"][k] for k in ki]
+        texts = [data["captions"][i][int(rng.integers(len(data["captions"][i])))] for i in ci]
+        texts += [template.format(labels[y]) for y in cls_y]
+        present = [data["cap_present"][i] for i in ci] + [cls_present[y] for y in cls_y]
+        negatives = [hard_negative(t, pres, rng) for t, pres in zip(texts, present)]  # same words, wrong shape/colour
+        prompts = [template.format(lab) for lab in labels]
+        pixels = torch.cat([cap_pix[torch.from_numpy(ci)], cls_pix[torch.from_numpy(ki)]]).float().div_(255)
+        pixels = (pixels - mean) / std
+        enc = tokenizer(texts + negatives + prompts, padding=True, truncation=True, max_length=CONTEXT_LENGTH,
+                        return_tensors="pt")
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, cfg)
+        img = F.normalize(_features(model.get_image_features(pixel_values=pixels)), dim=-1)
+        txt = F.normalize(_features(model.get_text_features(**enc)), dim=-1)
+        scale = model.logit_scale.exp()
+        B = len(texts)
+        t_pos, t_neg, t_cls = txt[:B], txt[B:2 * B], txt[2 * B:]
+        # targets: a column is positive for an image when its text equals the image's text (prompts repeat)
+        cols = texts + negatives
+        same = torch.tensor([[c == t for c in cols] for t in texts], dtype=torch.float32)
+        i2t = scale * img @ torch.cat([t_pos, t_neg]).t()
+        t2i = scale * t_pos @ img.t()
+        loss = 0.5 * (F.cross_entropy(i2t, same / same.sum(1, keepdim=True))
+                      + F.cross_entropy(t2i, same[:, :B].t() / same[:, :B].t().sum(1, keepdim=True)))
+        cls_logits = scale * img[n_cap:] @ t_cls.t()
+        loss = loss + F.cross_entropy(cls_logits, torch.tensor(cls_y))  # zero-shot classification as a CE term
+        cls_acc.append(float((cls_logits.argmax(1) == torch.tensor(cls_y)).float().mean()))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        losses.append(float(loss))
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", zs_train=f"{np.mean(cls_acc[-20:]):.2f}")
+    model.eval()
+    train_seconds = time.time() - t0
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    quality = clip_quality(model, processor, world_root)
+    log = {"seed": seed, "config": asdict(cfg), "train_seconds": round(train_seconds, 1),
+           "loss_first": float(np.mean(losses[:20])), "loss_last": float(np.mean(losses[-20:])),
+           "losses": [round(x, 4) for x in losses[::10]],
+           "train_zeroshot_acc": [round(float(np.mean(cls_acc[i:i + 10])), 3) for i in range(0, len(cls_acc), 10)], "quality": quality, "vocab_size": len(tokenizer),
+           "torch_threads": torch.get_num_threads()}
+    atomic_write_json(out_dir / "train_log.json", log)
+    return log
+
+
+# ----------------------------------------------------------------------------------------------- checks
+
+
+def _embed(model, processor, images=None, texts=None, batch: int = 256):
+    import torch
+    import torch.nn.functional as F
+
+    outs = []
+    with torch.no_grad():
+        items = images if images is not None else texts
+        for i in range(0, len(items), batch):
+            chunk = items[i:i + batch]
+            if images is not None:
+                px = processor(images=chunk, return_tensors="pt")["pixel_values"]
+                feats = model.get_image_features(pixel_values=px)
+            else:
+                enc = processor(text=chunk, padding=True, truncation=True, return_tensors="pt")
+                feats = model.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+            outs.append(F.normalize(_features(feats).float(), dim=-1))
+    return torch.cat(outs)
+
+
+def clip_quality(model, processor, world_root: str | os.PathLike) -> dict[str, float]:
+    """Pairwise + R@1 caption retrieval on p2 val and "a photo of a {label}" zero-shot accuracy on p1_data/val."""
+    import torch
+
+    from captionlab.data import load_captions, load_id2label, load_image
+
+    world_root = Path(world_root)
+    model.eval()
+    cs = load_captions(world_root / "p2_data" / "val.json")
+    images = [load_image(cs.image_path(world_root / "p2_data" / "images" / "val", s)) for s in cs.stems]
+    img = _embed(model, processor, images=images)
+    n = len(cs)
+    # every reference caption of image i vs the same-index caption of image i+1 (a fixed derangement)
+    wins, total = 0, 0
+    firsts = _embed(model, processor, texts=[cs.captions[s][0] for s in cs.stems])
+    r1 = float(((img @ firsts.t()).argmax(1) == torch.arange(n)).float().mean())
+    for k in range(min(len(c) for c in cs.captions.values())):
+        txt = _embed(model, processor, texts=[cs.captions[s][k] for s in cs.stems])
+        true = (img * txt).sum(1)
+        other = (img * txt.roll(-1, 0)).sum(1)
+        wins += int((true > other).sum())
+        total += n
+    id2label = load_id2label(world_root / "p1_data" / "id2label.json")
+    paths = sorted((world_root / "p1_data" / "val").glob("*.png"))
+    gold = torch.tensor([int(p.stem.split("_")[0]) for p in paths])
+    prompts = _embed(model, processor, texts=[f"a photo of a {id2label[i]}" for i in sorted(id2label)])
+    vimg = _embed(model, processor, images=[load_image(p) for p in paths])
+    pred = (vimg @ prompts.t()).argmax(1)
+    return {"pairwise_retrieval": wins / total, "r_at_1_first_caption": r1,
+            "zeroshot_accuracy": float((pred == gold).float().mean()), "n_val": n, "n_zeroshot": len(paths)}
+
+
+if __name__ == "__main__":  # quick manual run: python -m captionlab.models.clip_train OUT_DIR [steps]
+    import sys
+
+    from captionlab.demo import ensure_world
+
+    cfg = ClipTrainConfig(steps=int(sys.argv[2])) if len(sys.argv) > 2 else None
+    res = train_tiny_clip(ensure_world(0), Path(sys.argv[1]), 0, cfg)
+    print(json.dumps({k: v for k, v in res.items() if k != "losses"}, indent=1))

@@ -1,0 +1,240 @@
+"""Run the report notebooks with papermill (parameters from a params file), render HTML/PDF and the index page.
+
+    run_report("params/demo.yaml")        # -> reports/demo/{index.html, report.pdf, NN_name.{ipynb,html,pdf}, NN_name/}
+
+Each notebook gets the params-file keys its `parameters` cell declares (plus `params_file`, `run_dir`, `quick`
+and the keys under `per_notebook: {<name>: {...}}`), writes its artefacts into `run_dir/<name>/` and a
+`headline.json` that the index page shows. The first failing notebook stops the run with an error naming the
+notebook, the cell and the exception; what ran so far is still rendered and indexed.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from collections.abc import Sequence
+
+from captionlab.errors import CaptionlabError, ConfigError
+from captionlab.params import load_params
+from captionlab.report import render
+from captionlab.report.context import repo_path
+from captionlab.report.render import RenderError, Section
+from captionlab.utils import REPO_ROOT, atomic_write_json, git_commit
+
+NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+ORDER = ("00_demo_world", "01_llava_prompts", "02_train", "03_evaluate", "04_attention",
+         "05_clip_zero_shot", "06_vit_analysis")
+# Params-file keys that configure the run itself rather than a notebook parameter.
+RUN_KEYS = {"title", "description", "per_notebook", "notebooks"}
+ALWAYS = ("params_file", "run_dir", "quick")
+
+
+class NotebookError(CaptionlabError):
+    """A report notebook failed; the message names the notebook, the cell and the error."""
+
+
+@dataclass
+class ReportResult:
+    """What `run_report` produced."""
+
+    out_dir: Path
+    sections: list[Section]
+    index: Path
+    pdf: Path | None = None
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+
+def notebook_path(name: str | Path) -> Path:
+    """Resolve `02_train`, `02`, `02_train.ipynb` or a path to a notebook file (ConfigError if unknown)."""
+    p = Path(name)
+    if p.suffix == ".ipynb" and p.exists():
+        return p
+    stem = p.stem if p.suffix == ".ipynb" else str(name)
+    matches = [NOTEBOOK_DIR / f"{n}.ipynb" for n in ORDER if n == stem or n.split("_", 1)[0] == stem]
+    if not matches and (NOTEBOOK_DIR / f"{stem}.ipynb").exists():
+        matches = [NOTEBOOK_DIR / f"{stem}.ipynb"]
+    if not matches:
+        raise ConfigError(f"unknown notebook {str(name)!r}; known: {', '.join(ORDER)}")
+    return matches[0]
+
+
+def select_notebooks(names: Sequence[str] | str | None = None) -> list[Path]:
+    """The notebooks to run, in report order (all of them when `names` is empty)."""
+    if isinstance(names, str):
+        names = [n for n in names.split(",") if n.strip()]
+    if not names:
+        return [NOTEBOOK_DIR / f"{n}.ipynb" for n in ORDER]
+    paths = [notebook_path(n.strip()) for n in names]
+    rank = {n: i for i, n in enumerate(ORDER)}
+    return sorted(dict.fromkeys(paths), key=lambda p: rank.get(p.stem, len(ORDER)))
+
+
+def declared_parameters(notebook: str | Path) -> dict[str, Any]:
+    """The names and defaults of the notebook's `parameters` cell (ConfigError if it has none)."""
+    import papermill as pm
+
+    declared = pm.inspect_notebook(str(notebook))
+    if not declared:
+        raise ConfigError(f"{notebook}: no cell tagged 'parameters'")
+    return declared
+
+
+def notebook_parameters(notebook: str | Path, params: dict[str, Any]) -> dict[str, Any]:
+    """The subset of resolved `params` that `notebook` declares, plus its `per_notebook` overrides."""
+    declared = declared_parameters(notebook)
+    name = Path(notebook).stem
+    chosen = {k: v for k, v in params.items() if k in declared and k not in RUN_KEYS}
+    extra = (params.get("per_notebook") or {}).get(name) or {}
+    unknown = sorted(set(extra) - set(declared))
+    if unknown:
+        raise ConfigError(f"per_notebook.{name}: {', '.join(unknown)} not among the notebook's parameters "
+                          f"({', '.join(sorted(declared))})")
+    chosen.update(extra)
+    return chosen
+
+
+def check_kernel(kernel_name: str = "python3") -> str:
+    """The interpreter the kernel will run; warns when it is not this venv's python."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        spec = KernelSpecManager().get_kernel_spec(kernel_name)
+    except NoSuchKernel:
+        raise ConfigError(f"no Jupyter kernel named {kernel_name!r} (is ipykernel installed in {sys.prefix}?)") from None
+    exe = spec.argv[0]
+    # jupyter_client runs a kernelspec whose argv[0] is "python"/"python3" with this interpreter.
+    if exe in ("python", f"python{sys.version_info[0]}", f"python{sys.version_info[0]}.{sys.version_info[1]}"):
+        exe = sys.executable
+    if Path(exe).resolve() != Path(sys.executable).resolve() and Path(exe) != Path(sys.executable):
+        warnings.warn(f"Jupyter kernel {kernel_name!r} ({spec.resource_dir}) runs {exe}, not {sys.executable}; "
+                      "notebooks may not see captionlab", stacklevel=2)
+    return exe
+
+
+def _cell_summary(notebook: Path, exc: Any) -> str:
+    """'cell 8/20' for the failing cell of the *source* notebook (papermill counts its injected cell too)."""
+    import nbformat
+
+    try:
+        cells = nbformat.read(str(notebook), as_version=4).cells
+    except (OSError, ValueError):
+        return f"cell index {exc.cell_index}"
+    for i, cell in enumerate(cells):
+        if cell.cell_type == "code" and cell.source == exc.source:
+            return f"cell {i + 1}/{len(cells)}"
+    return f"cell index {exc.cell_index} of the executed copy"
+
+
+def execute_notebook(notebook: str | Path, output: str | Path, parameters: dict[str, Any],
+                     cwd: str | Path = REPO_ROOT, kernel_name: str | None = None, progress: bool = True,
+                     timeout: float | None = None) -> Path:
+    """Execute `notebook` into `output` with papermill; on failure raise NotebookError naming notebook and cell."""
+    import papermill as pm
+    from papermill.exceptions import PapermillExecutionError
+
+    notebook, output = Path(notebook), Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        pm.execute_notebook(str(notebook), str(output), parameters=parameters, kernel_name=kernel_name,
+                            progress_bar=progress, cwd=str(cwd), execution_timeout=timeout)
+    except PapermillExecutionError as exc:
+        lines = [ln for ln in (exc.source or "").splitlines() if ln.strip()]
+        src = "\n".join("    " + ln for ln in lines[:4]) + ("\n    ..." if len(lines) > 4 else "")
+        raise NotebookError(
+            f"notebook {notebook.name} failed at {_cell_summary(notebook, exc)} "
+            f"(execution count [{exc.exec_count}]): {exc.ename}: {exc.evalue}\n{src}\n"
+            f"  full traceback in the executed copy: {output}") from None
+    except Exception as exc:  # kernel died, timeout, invalid notebook...
+        raise NotebookError(f"notebook {notebook.name} could not be executed: {type(exc).__name__}: {exc}\n"
+                            f"  partial executed copy: {output}") from exc
+    return output
+
+
+def _render(section: Section, out_dir: Path, hide_input: bool, pdf: bool, notes: list[str]) -> None:
+    if section.notebook is None or not section.notebook.exists():
+        return
+    section.html = render.render_html(section.notebook, out_dir / f"{section.name}.html", hide_input=hide_input)
+    if pdf:
+        try:
+            section.pdf = render.html_to_pdf(section.html, out_dir / f"{section.name}.pdf")
+        except RenderError as exc:
+            notes.append(str(exc))
+            warnings.warn(str(exc), stacklevel=3)
+
+
+def run_report(params_file: str | Path, out_dir: str | Path | None = None,
+               notebooks: Sequence[str] | str | None = None, quick: bool = False, render_html: bool = True,
+               pdf: bool = True, hide_input: bool = False, kernel_name: str | None = None,
+               progress: bool = True) -> ReportResult:
+    """Execute the report notebooks in order, render each to HTML (+PDF), write index.html; stop at the first failure."""
+    t_start = time.time()
+    params_path = repo_path(params_file)
+    out = Path(out_dir) if out_dir else REPO_ROOT / "reports" / params_path.stem
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    params = load_params(params_path, overrides={"run_dir": str(out), "quick": bool(quick),
+                                                 "params_file": str(params_path)})
+    paths = select_notebooks(notebooks)
+    for p in paths:
+        if not p.exists():
+            raise ConfigError(f"{p}: notebook not found")
+    check_kernel(kernel_name or "python3")
+    notes: list[str] = []
+    if pdf and render.find_chromium() is None:
+        notes.append("chromium not found: HTML only, no PDF (install it with `make chromium`)")
+        warnings.warn(notes[-1], stacklevel=2)
+        pdf = False
+
+    sections = [Section(p.stem) for p in paths]
+    failure: NotebookError | None = None
+    for i, (path, section) in enumerate(zip(paths, sections), 1):
+        print(f"[{i}/{len(paths)}] {path.stem}", file=sys.stderr, flush=True)
+        t0 = time.time()
+        section.notebook = out / f"{path.stem}.ipynb"
+        (out / path.stem / render.HEADLINE).unlink(missing_ok=True)  # never show a previous run's numbers
+        try:
+            execute_notebook(path, section.notebook, notebook_parameters(path, params),
+                             kernel_name=kernel_name, progress=progress)
+            section.status = "ok"
+        except NotebookError as exc:
+            section.status, section.error, failure = "failed", str(exc), exc
+        section.seconds = time.time() - t0
+        section.headline = render.read_headline(out / path.stem)
+        if render_html:
+            _render(section, out, hide_input, pdf, notes)
+        if failure:
+            break
+
+    title = params.get("title") or f"captionlab report — {params_path.stem}"
+    info = {"params": _rel(params_path), "world": params.get("world"), "quick": "yes" if quick else None,
+            "git": (git_commit() or "")[:10], "total time": f"{time.time() - t_start:.0f} s"}
+    index = render.write_index(out, sections, title=title, info=info)
+    combined = None
+    pdfs = [s.pdf for s in sections if s.pdf]
+    if pdf and pdfs:  # one PDF: the index page as a cover, then every section
+        try:
+            cover = render.html_to_pdf(index, out / "index.pdf")
+            combined = render.combine_pdfs([cover, *pdfs], out / "report.pdf")
+        except RenderError as exc:
+            notes.append(str(exc))
+            warnings.warn(str(exc), stacklevel=2)
+        if combined:
+            index = render.write_index(out, sections, title=title, info=info, combined_pdf=combined)
+    atomic_write_json(out / "report.json", {"params_file": str(params_path), "quick": quick, "notes": notes,
+                                            "seconds": round(time.time() - t_start, 1),
+                                            "sections": [s.to_json() for s in sections]})
+    if failure:
+        raise NotebookError(f"{failure}\n  report so far: {index}")
+    return ReportResult(out, sections, index, combined, time.time() - t_start, notes)
+
+
+def _rel(path: Path) -> str:
+    try:
+        return path.resolve().relative_to(REPO_ROOT).as_posix()
+    except ValueError:
+        return str(path)

@@ -1,0 +1,120 @@
+"""The papermill runner on tiny notebooks: parameters from a params file, the venv's kernel, failures that name
+the notebook and the cell, the index page, and a sweep's comparison table."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+from nbformat.v4 import new_code_cell, new_notebook
+
+from captionlab.errors import ConfigError
+from captionlab.report import runner
+from captionlab.report.runner import NotebookError
+
+
+def _write(path: Path, params: str, *cells: str) -> Path:
+    p = new_code_cell(params)
+    p.metadata["tags"] = ["parameters"]
+    nb = new_notebook(cells=[p, *(new_code_cell(c) for c in cells)])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, str(path))
+    return path
+
+
+OK_PARAMS = 'params_file = ""\nrun_dir = ""\nquick = False\nworld = "real"\ndata_root = ""\nscore = 1.5'
+OK_CELL = """
+import sys
+import matplotlib.pyplot as plt
+from captionlab import report
+ctx = report.start("{name}", params_file=params_file, run_dir=run_dir, quick=quick, world=world,
+                   data_root=data_root, score=score)
+fig, ax = plt.subplots()
+ax.plot([0, 1], [0, score])
+report.show(fig, ctx.path("line.png"))
+ctx.headline({{"score": score, "python": sys.executable}}, title="Section {name}")
+"""
+
+
+@pytest.fixture()
+def tiny_notebooks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    nbdir = tmp_path / "notebooks"
+    nbdir.mkdir()
+    _write(nbdir / "a_ok.ipynb", OK_PARAMS, OK_CELL.format(name="a_ok"))
+    _write(nbdir / "b_fail.ipynb", 'run_dir = ""', "x = 1", "def f():\n    return 1 / 0\n\nf()")
+    _write(nbdir / "c_never.ipynb", 'run_dir = ""', "pass")
+    monkeypatch.setattr(runner, "NOTEBOOK_DIR", nbdir)
+    monkeypatch.setattr(runner, "ORDER", ("a_ok", "b_fail", "c_never"))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "p.yaml").write_text(f"title: Tiny report\nworld: real\ndata_root: {tmp_path / 'data'}\nscore: 2.5\n")
+    return tmp_path
+
+
+def test_run_report_stops_at_failing_cell_and_indexes_what_ran(tiny_notebooks: Path) -> None:
+    out = tiny_notebooks / "report"
+    with pytest.raises(NotebookError) as info:
+        runner.run_report(tiny_notebooks / "p.yaml", out_dir=out, pdf=False, progress=False)
+    msg = str(info.value)
+    assert "b_fail.ipynb" in msg and "cell 3/3" in msg and "ZeroDivisionError: division by zero" in msg
+    assert "def f():" in msg and str(out / "index.html") in msg
+
+    headline = json.loads((out / "a_ok" / "headline.json").read_text())
+    assert headline["metrics"]["score"] == 2.5  # injected from the params file
+    assert Path(headline["metrics"]["python"]).resolve() == Path(sys.executable).resolve()  # the venv's kernel
+    assert "data:image/png;base64" in (out / "a_ok.html").read_text()
+    assert (out / "a_ok" / "line.png").exists()
+
+    index = (out / "index.html").read_text()
+    assert "Tiny report" in index and "Section a_ok" in index and "real world" in index
+    assert "failed" in index and "ZeroDivisionError" in index and "not run" in index
+    report = json.loads((out / "report.json").read_text())
+    assert [s["status"] for s in report["sections"]] == ["ok", "failed", "not run"]
+    assert not (out / "c_never.ipynb").exists()
+
+
+def test_run_report_only_selected(tiny_notebooks: Path) -> None:
+    result = runner.run_report(tiny_notebooks / "p.yaml", out_dir=tiny_notebooks / "r2", notebooks="a_ok",
+                               quick=True, pdf=False, render_html=False, progress=False)
+    assert [s.name for s in result.sections] == ["a_ok"] and result.sections[0].status == "ok"
+    assert result.sections[0].headline["quick"] is True
+
+
+def test_sweep_writes_comparison_table(tiny_notebooks: Path) -> None:
+    from captionlab.report.sweep import run_sweep
+
+    nb = tiny_notebooks / "notebooks" / "a_ok.ipynb"
+    sweep = tiny_notebooks / "s.yaml"
+    sweep.write_text(f"base: {tiny_notebooks / 'p.yaml'}\nnotebook: {nb}\nmetrics: [score]\n"
+                     "settings:\n  - {score: 3.0}\n  - {name: big, score: 7.0}\n")
+    result = run_sweep(sweep, out_dir=tiny_notebooks / "sweep", progress=False)
+    table = pd.read_csv(result.csv)
+    assert list(table["setting"]) == ["score=3.0", "big"]
+    assert list(table["score"]) == [3.0, 7.0] and set(table["status"]) == {"ok"}
+    assert result.png is not None and result.png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sweep_rejects_unknown_parameter(tiny_notebooks: Path) -> None:
+    from captionlab.report.sweep import run_sweep
+
+    sweep = tiny_notebooks / "s.yaml"
+    sweep.write_text(f"base: {tiny_notebooks / 'p.yaml'}\nnotebook: {tiny_notebooks / 'notebooks' / 'a_ok.ipynb'}\n"
+                     "settings:\n  - {rnak: 3}\n")
+    with pytest.raises(ConfigError, match="rnak"):
+        run_sweep(sweep, out_dir=tiny_notebooks / "sweep", progress=False)
+
+
+def test_select_and_parameters_of_the_real_notebooks() -> None:
+    assert [p.stem for p in runner.select_notebooks("03,00_demo_world")] == ["00_demo_world", "03_evaluate"]
+    assert [p.stem for p in runner.select_notebooks(None)] == list(runner.ORDER)
+    with pytest.raises(ConfigError, match="unknown notebook 'nope'"):
+        runner.select_notebooks("nope")
+    params = {"rank": 8, "world": "demo", "llava_model": "x", "title": "t",
+              "per_notebook": {"02_train": {"epochs": 1}}}
+    chosen = runner.notebook_parameters(runner.notebook_path("02"), params)
+    assert chosen == {"rank": 8, "world": "demo", "epochs": 1}
+    with pytest.raises(ConfigError, match="per_notebook.02_train: bogus"):
+        runner.notebook_parameters(runner.notebook_path("02"), {"per_notebook": {"02_train": {"bogus": 1}}})
