@@ -419,8 +419,33 @@ NOTEBOOKS["04_attention"] = notebook(
         for (which, score), res in zip(zip(pairs["which"], pairs["clipscore"]), pair_results):
             report.show(attention_series(res, title=f'{which}-1 CLIPScore {score:.3f}: "{res.caption}"'), ctx.path(f"captioner_{which}.png"))
         """),
+        md("## Which captioner layer localises? Pointing game per layer (demo world: object masks known)\n"
+           "For every caption word that names one object (a colour or shape word), is the attention peak inside "
+           "that object's mask, and what share of attention mass falls inside it? `random_point` is the baseline "
+           "(the mask's share of the image)."),
+        code("""
+        layers_table = None
+        val_objects = ctx.data_root / "p2_data" / "objects_val.json"
+        if val_objects.exists():
+            images, objects, masks = load_annotated(val_dir, ctx.data_root / "p2_data" / "masks" / "val", val_objects,
+                                                    limit=40 if ctx.quick else 200)
+            layers_table = layer_report(captioner, images, objects, masks, layers="all", heads=attention_heads)
+            report.show_table(layers_table, ctx.path("captioner_layers.csv"))
+            report.show(report.bar_chart(layers_table, "layer", ["pointing_pixel", "random_point"]), ctx.path("captioner_layers.png"))
+        """),
+        md("## Browse interactively\nIn JupyterLab the browser below has a word slider and layer / head selectors "
+           "(widgets render blank in HTML/PDF, so its frames are also saved as PNG files)."),
+        code("""
+        browser_cache = cache_for(captioner, pair_results[0].image, layers=None)
+        frames = save_frames(pair_results[0], ctx.path("frames"))
+        attention_browser(browser_cache)
+        """),
         code("""
         headline = {"series": len(results) + len(pair_results)}
+        if layers_table is not None:
+            best = layers_table.sort_values("pointing_pixel", ascending=False).iloc[0]
+            headline.update({"best_layer": int(best["layer"]), "pointing_best_layer": float(best["pointing_pixel"]),
+                             "random_point": float(best["random_point"])})
         if pointing is not None:
             headline.update({"pointing_gain": float(pointing["pointing_gain"].iloc[0]), "mass_gain": float(pointing["mass_gain"].iloc[0])})
         ctx.headline(headline, title="04 · Attention", notes=f"layer {attention_layer}, heads {attention_heads}")
@@ -432,8 +457,9 @@ NOTEBOOKS["04_attention"] = notebook(
     import pandas as pd
 
     from captionlab.attention import capture_captioner, capture_llava
-    from captionlab.attention.faithfulness import load_annotated, summarize, word_table
+    from captionlab.attention.faithfulness import layer_report, load_annotated, summarize, word_table
     from captionlab.attention.figures import attention_series
+    from captionlab.attention.widgets import attention_browser, cache_for, save_frames
     from captionlab.data import list_images, load_captions
     from captionlab.models.captioner import load_captioner
     from captionlab.models.llava import load_llava

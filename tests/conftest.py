@@ -14,6 +14,17 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("CAPTIONLAB_CACHE", str(Path(__file__).resolve().parents[1] / ".cache"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Every demo model is tiny: one torch thread is faster and avoids oversubscribing a shared 2-core CPU."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def demo_world() -> Path:
     """Root of the full demo world (course layout), seed 0."""

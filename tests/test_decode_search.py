@@ -10,14 +10,6 @@ from captionlab.decode import (HFDecoder, PrefixLMDecoder, beam_search, generate
 from captionlab.models.decoder import GPT, GPTConfig, load_decoder
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one torch thread is faster, and avoids oversubscription on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 class ScriptedDecoder:
     """A decoder whose next-token logits are a fixed function of the tokens generated so far (per row)."""

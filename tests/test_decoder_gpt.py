@@ -10,14 +10,6 @@ import torch
 from captionlab.errors import ConfigError
 from captionlab.models.decoder import GPT, GPTConfig, convert_hf_state_dict, load_decoder
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one torch thread is faster, and avoids oversubscription on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 CAPTIONS = ["a red circle left of a blue square", "two small green stars", "a large yellow triangle"] * 4
 

@@ -14,14 +14,6 @@ from captionlab.models.encoder import load_encoder
 IMAGES = [Image.new("RGB", (64, 48), (200, 10, 10)), Image.new("L", (40, 40), 90)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one torch thread is faster, and avoids oversubscription on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def check_frozen(enc) -> None:
     assert not any(p.requires_grad for p in enc.parameters())

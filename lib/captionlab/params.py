@@ -12,7 +12,8 @@ import yaml
 from captionlab.errors import ConfigError
 from captionlab.utils import REPO_ROOT, cache_dir
 
-_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_PLACEHOLDER = re.compile(r"(?<!\{)\{([A-Za-z_][A-Za-z0-9_]*)\}(?!\})")
+_ESCAPED = re.compile(r"\{\{([^{}]*)\}\}")
 
 
 def load_params(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -38,7 +39,10 @@ def load_params(path: str | os.PathLike | None = None, overrides: dict[str, Any]
 
 
 def resolve(params: dict[str, Any]) -> dict[str, Any]:
-    """Replace `{name}` in string values by other top-level values, `{cache}` or `{repo}` (repeatedly)."""
+    """Replace `{name}` in string values by other top-level values, `{cache}` or `{repo}` (repeatedly).
+
+    `{{name}}` is an escape for a literal `{name}` (e.g. a prompt template such as `a photo of {{object}}`).
+    """
     env = {"cache": str(cache_dir()), "repo": str(REPO_ROOT)}
 
     def lookup(name: str) -> str:
@@ -55,7 +59,7 @@ def resolve(params: dict[str, Any]) -> dict[str, Any]:
                 if new == value:
                     break
                 value = new
-            return value
+            return _ESCAPED.sub(r"{\1}", value)
         if isinstance(value, dict):
             return {k: sub(v) for k, v in value.items()}
         if isinstance(value, list):
