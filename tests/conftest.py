@@ -85,3 +85,17 @@ def tiny_captioner_models(demo_world: Path, tmp_path_factory: pytest.TempPathFac
     gpt.save_pretrained(out / "gpt2")
     tok.save_pretrained(out / "gpt2")
     return {"encoder": f"hfclip:{out / 'clip'}", "decoder": str(out / "gpt2"), "root": str(out)}
+
+
+@pytest.fixture(scope="session")
+def demo_captioner(demo_world: Path, demo_clip: Path, demo_gpt2: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A LoRA captioner (rank 4, <1 % of the decoder) trained 2 epochs on 2400 demo images: (history, best ckpt)."""
+    from captionlab.models.captioner import CaptionerConfig
+    from captionlab.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("demo_captioner")
+    cap = CaptionerConfig(encoder=f"hfclip:{demo_clip}", decoder=str(demo_gpt2 / "decoder_model.bin"),
+                          peft="lora", lora_rank=4, lora_dropout=0.0)
+    cfg = TrainConfig(train_images=2400, eval_images=100, batch_size=32, epochs=2, lr=5e-3, warmup_steps=10,
+                      out_dir=str(out))
+    return train(cap, cfg, demo_world), out / "best"

@@ -168,3 +168,24 @@ def file_lock(path: str | os.PathLike):
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     return _lock()
+
+
+@contextlib.contextmanager
+def captured_stderr_fd() -> Iterator[None]:
+    """Capture what child processes write to file descriptor 2 (e.g. Java's progress lines); replay it on error."""
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as buf:
+        os.dup2(buf.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            buf.seek(0)
+            sys.stderr.write(buf.read().decode("utf-8", "replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)

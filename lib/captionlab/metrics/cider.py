@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from captionlab.errors import ConfigError
+from captionlab.utils import captured_stderr_fd
 
 NGRAM_METRICS: tuple[str, ...] = ("CIDEr", "BLEU", "METEOR", "ROUGE_L", "SPICE")
 
@@ -34,7 +35,8 @@ def ptb_tokenize(captions: Mapping[Hashable, Sequence[str]]) -> dict[Hashable, l
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     wrapped = {k: [{"caption": _clean(c)} for c in caps] for k, caps in captions.items()}
-    out = PTBTokenizer().tokenize(wrapped)
+    with captured_stderr_fd():  # Java prints "PTBTokenizer tokenized N tokens at ..." on every call
+        out = PTBTokenizer().tokenize(wrapped)
     for k, caps in captions.items():  # the wrapper zips lines to keys: a lost line would misalign silently
         if len(out.get(k, [])) != len(caps):
             raise RuntimeError(f"PTBTokenizer returned {len(out.get(k, []))} line(s) for {k!r}, expected {len(caps)}")
