@@ -444,10 +444,12 @@ NOTEBOOKS["04_attention"] = notebook(
         headline = {"series": len(results) + len(pair_results)}
         if layers_table is not None:
             best = layers_table.sort_values("pointing_pixel", ascending=False).iloc[0]
-            headline.update({"best_layer": int(best["layer"]), "pointing_best_layer": float(best["pointing_pixel"]),
-                             "random_point": float(best["random_point"])})
+            headline.update({"captioner_best_layer": int(best["layer"]),
+                             "captioner_pointing": float(best["pointing_pixel"]),
+                             "captioner_random_point": float(best["random_point"])})
         if pointing is not None:
-            headline.update({"pointing_gain": float(pointing["pointing_gain"].iloc[0]), "mass_gain": float(pointing["mass_gain"].iloc[0])})
+            headline.update({"llava_p3_pointing_gain": float(pointing["pointing_gain"].iloc[0]),
+                             "llava_p3_mass_gain": float(pointing["mass_gain"].iloc[0])})
         ctx.headline(headline, title="04 · Attention", notes=f"layer {attention_layer}, heads {attention_heads}")
         """),
         md(YOUR_NOTES.format(what="do words attend to the objects they name? how do the top-1 and last-1 pairs "
