@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from captionlab.errors import ConfigError
 from captionlab.models.captioner import Captioner, CaptionerConfig
-from captionlab.utils import atomic_write_json, set_seed
+from captionlab.utils import dataclass_from_dict, atomic_write_json, set_seed
 
 STATE_NAME = "train_state.pt"
 LATEST_NAME = "latest.json"
@@ -67,11 +67,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         """Build from a mapping, rejecting unknown keys with a clear error."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"train: unknown options {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "train")
 
 
 # ------------------------------------------------------------------------------------------- data

@@ -189,3 +189,16 @@ def captured_stderr_fd() -> Iterator[None]:
         finally:
             os.dup2(saved, 2)
             os.close(saved)
+
+
+def dataclass_from_dict(cls: type, d: dict[str, Any], what: str) -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys with an error naming `what`."""
+    from dataclasses import fields
+
+    from captionlab.errors import ConfigError
+
+    known = {f.name for f in fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise ConfigError(f"{what}: unknown options {sorted(unknown)}; known: {sorted(known)}")
+    return cls(**d)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-DEFAULT_CLIP = "open_clip:ViT-B-32:openai"
+DEFAULT_CLIP = "open_clip:ViT-B-32:openai"  # the course evaluator's CLIP; the zeroshot command shares it
 
 
 def register(sub: argparse._SubParsersAction) -> None:

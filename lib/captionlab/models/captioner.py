@@ -11,7 +11,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from captionlab.models.peft_wiring import (
     parameter_report,
     wire_decoder,
 )
-from captionlab.utils import atomic_write_json, save_safetensors_atomic
+from captionlab.utils import dataclass_from_dict, atomic_write_json, save_safetensors_atomic
 
 WEIGHTS_NAME = "trainable.safetensors"
 CONFIG_NAME = "captioner.json"
@@ -57,11 +57,7 @@ class CaptionerConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CaptionerConfig:
         """Build from a mapping, rejecting unknown keys with a clear error."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"captioner: unknown options {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "captioner")
 
 
 def build_projector(kind: str, in_dim: int, out_dim: int) -> nn.Module:
