@@ -12,12 +12,13 @@ export TOKENIZERS_PARALLELISM ?= false
 export MPLBACKEND ?= Agg
 PARAMS ?= params/demo.yaml
 
-.PHONY: venv java chromium test demo bench world report clean help
+.PHONY: venv java chromium test demo bench bench-real-shapes world report clean help
 
 help:
 	@echo "make demo   - set up .venv, build the demo world, run every notebook, render reports/"
 	@echo "make test   - set up .venv and run the test suite"
 	@echo "make bench  - run the benchmarks (reports/bench/)"
+	@echo "make bench-real-shapes - feature caching at the real ViT-L/14 + GPT-2 small shapes (CPU)"
 
 # The stamp depends on pyproject.toml so a dependency change reinstalls.
 $(VENV)/.installed: pyproject.toml
@@ -58,6 +59,10 @@ demo: venv chromium
 
 bench: venv
 	$(PY) benchmarks/run.py
+
+# Feature caching at the real HW3 shapes (random-weight ViT-L/14 + GPT-2 small on this CPU; ~3 min, 2 GB of /tmp).
+bench-real-shapes: venv
+	$(PY) benchmarks/real_shapes.py
 
 clean:
 	rm -rf reports/* .pytest_cache

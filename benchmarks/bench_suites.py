@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ class Setup:
     threads: int
     repeats: int = 3
     real: bool = False
+    cross: dict[str, int] = field(default_factory=dict)  # cross-attention captioner options (cross_every, cross_dim)
 
     def sizes(self, quick: Any, full: Any) -> Any:
         return quick if self.quick else full
@@ -183,9 +184,10 @@ def bench_train(s: Setup) -> list[dict[str, Any]]:
     from captionlab.train import TrainConfig, train
 
     steps, bs = s.sizes((3, 8), (16, 32))
-    cfg = CaptionerConfig(encoder=s.encoder, decoder=s.decoder, lora_rank=4)
     rows = []
-    for cached in (True, False):
+    for conditioning, cached in itertools.product(("prefix", "cross"), (True, False)):
+        cfg = CaptionerConfig(encoder=s.encoder, decoder=s.decoder, lora_rank=4, conditioning=conditioning,
+                              **(s.cross if conditioning == "cross" else {}))
         stamps: list[float] = []
         with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
             tc = TrainConfig(max_steps=steps, batch_size=bs, eval_images=-1, cache_features=cached, out_dir=tmp,
@@ -200,9 +202,10 @@ def bench_train(s: Setup) -> list[dict[str, Any]]:
         steps_dt = [b - a for a, b in itertools.pairwise(stamps)]  # the first step (warm-up) is not timed
         med = statistics.median(steps_dt)
         res = {"seconds": med, "times": [round(t, 5) for t in steps_dt], "peak_mem_mb": None if mem is None else round(mem, 2)}
-        name = "cached features" if cached else "encoder every step"
+        name = ("cached features" if cached else "encoder every step") + ("" if conditioning == "prefix" else " (cross)")
         rows.append(_row("train", f"train {name}", "cached" if cached else "uncached", bs, bs, res, "samples/s",
-                         f"median of {len(steps_dt)} optimizer steps after 1 warm-up step; memory = whole train() call"))
+                         f"{conditioning} conditioning; median of {len(steps_dt)} optimizer steps after 1 warm-up "
+                         "step; memory = whole train() call"))
     return rows
 
 

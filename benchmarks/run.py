@@ -61,7 +61,8 @@ def make_setup(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str]:
         params = load_params(args.real)
         setup = Setup(device=device, data_root=Path(params["data_root"]), encoder=params["encoder"],
                       decoder=params["decoder"], clip=params["clip_model"], llava=params["llava_model"],
-                      quick=args.quick, threads=args.threads, repeats=args.repeats, real=True)
+                      quick=args.quick, threads=args.threads, repeats=args.repeats, real=True,
+                      cross={k: params[k] for k in ("cross_every", "cross_dim") if k in params})
         return setup, params, str(params.get("world", "real"))
     from captionlab.demo import ensure_model, ensure_world
 
@@ -97,9 +98,10 @@ def ratios(rows: list[dict]) -> dict[str, float]:
                 out[f"{m} ours/hf @b{b} (img/s)"] = top["throughput"] / hf["throughput"]
             if lora and hf:
                 out[f"{m} ours+lora/hf @b{b} (img/s)"] = lora["throughput"] / hf["throughput"]
-    c, u = _find(rows, "train cached features"), _find(rows, "train encoder every step")
-    if c and u:
-        out["train cached/uncached (samples/s)"] = c["throughput"] / u["throughput"]
+    for suffix, label in (("", "prefix"), (" (cross)", "cross")):
+        c, u = _find(rows, f"train cached features{suffix}"), _find(rows, f"train encoder every step{suffix}")
+        if c and u:
+            out[f"train cached/uncached, {label} (samples/s)"] = c["throughput"] / u["throughput"]
     for metric, label in (("CIDEr", "CIDEr"), ("CLIPScore", "CLIPScore")):
         ev = sorted((r for r in rows if r["section"] == "eval" and r["name"].startswith(label + " ")),
                     key=lambda r: r["n"])

@@ -209,7 +209,10 @@ NOTEBOOKS["02_train"] = notebook(
     PEFT attempts.
 
     This notebook trains the setting given by its parameters (the sweep `params/sweeps/lora_rank.yaml` reruns
-    it per LoRA rank) plus the other PEFT methods listed in `peft_attempts`, with the same data and schedule.
+    it per LoRA rank) plus the other PEFT methods listed in `peft_attempts` and the other ways of conditioning
+    the decoder on the image listed in `conditioning_attempts` (`prefix`: visual tokens in front of the caption
+    in GPT-2's self-attention; `cross`: gated cross-attention layers, Flamingo-style), with the same data and
+    schedule.
     {WORLD_NOTE}
     """,
     """
@@ -217,6 +220,9 @@ NOTEBOOKS["02_train"] = notebook(
     decoder = "{data_root}/models/gpt2/decoder_model.bin"
     clip_model = "{data_root}/models/clip"
     peft = "lora"      # lora | adapter | prefix | none
+    conditioning = "prefix"   # prefix | cross (gated cross-attention layers)
+    cross_every = 1    # cross: a cross-attention layer in front of every k-th GPT-2 block
+    cross_dim = 0      # cross: inner width of those layers (0: the decoder's width)
     rank = 4
     lora_alpha = 16
     epochs = 2
@@ -226,6 +232,7 @@ NOTEBOOKS["02_train"] = notebook(
     beam_size = 3
     max_new_tokens = 24
     peft_attempts = ["adapter", "prefix"]   # other PEFT methods trained for the comparison table
+    conditioning_attempts = ["cross"]       # other conditionings (with `peft`) trained for the table
     """,
     ["clip", "gpt2"],
     [
@@ -238,9 +245,10 @@ NOTEBOOKS["02_train"] = notebook(
         val_dir = ctx.data_root / "p2_data" / "images" / "val"
         val = dataset.subset(load_captions(ctx.data_root / "p2_data" / "val.json"), 32 if ctx.quick else 0)
 
-        def train_setting(method: str, name: str) -> tuple[dict, Path]:
+        def train_setting(method: str, name: str, conditioning: str = conditioning) -> tuple[dict, Path]:
             cap = CaptionerConfig(encoder=ctx["encoder"], decoder=ctx["decoder"], peft=method, lora_rank=rank,
-                                  lora_alpha=lora_alpha, trainable_budget=trainable_budget)
+                                  lora_alpha=lora_alpha, trainable_budget=trainable_budget, conditioning=conditioning,
+                                  cross_every=cross_every, cross_dim=cross_dim)
             cfg = TrainConfig(epochs=1 if ctx.quick else epochs, batch_size=batch_size, lr=lr, seed=ctx.seed,
                               train_images=256 if ctx.quick else 0, eval_images=32 if ctx.quick else 100,
                               out_dir=str(ctx.path(name)))
@@ -270,23 +278,29 @@ NOTEBOOKS["02_train"] = notebook(
         """),
         md("## PEFT attempts"),
         code("""
-        rows = [{"peft": peft, "rank": str(rank) if peft == "lora" else "-", "trainable_params": model.report["trainable"],
-                 "CIDEr": result.summary["CIDEr"], "CLIPScore": result.summary["CLIPScore"]}]
-        for method in [m for m in peft_attempts if m != peft]:
-            _, ckpt = train_setting(method, f"attempt_{method}")
+        def attempt_row(method: str, cond: str, m, summary: dict) -> dict:
+            return {"peft": method, "conditioning": cond, "rank": str(rank) if method == "lora" else "-",
+                    "trainable_params": m.report["trainable"], "CIDEr": summary["CIDEr"],
+                    "CLIPScore": summary["CLIPScore"]}
+
+        rows = [attempt_row(peft, conditioning, model, result.summary)]
+        attempts_to_run = [(m, conditioning) for m in peft_attempts if m != peft]
+        attempts_to_run += [(peft, c) for c in conditioning_attempts if c != conditioning]
+        for method, cond in attempts_to_run:
+            _, ckpt = train_setting(method, f"attempt_{method}_{cond}", cond)
             m = load_captioner(ckpt)
             r = evaluate(caption_split(m), val, val_dir, clip=ctx["clip_model"], metrics=("CIDEr", "CLIPScore"))
-            rows.append({"peft": method, "rank": "-", "trainable_params": m.report["trainable"],
-                         "CIDEr": r.summary["CIDEr"], "CLIPScore": r.summary["CLIPScore"]})
+            rows.append(attempt_row(method, cond, m, r.summary))
         attempts = report.show_table(rows, ctx.path("peft_attempts.csv"))
         """),
         code("""
         ctx.headline({"CIDEr": result.summary["CIDEr"], "CLIPScore": result.summary["CLIPScore"],
                       "trainable_params": model.report["trainable"]}, title="02 · PEFT captioner",
-                     notes=f"{peft} rank {rank}, {len(history['epochs'])} epoch(s), {len(val)} val images")
+                     notes=f"{peft} rank {rank}, {conditioning} conditioning, {len(history['epochs'])} epoch(s), "
+                           f"{len(val)} val images")
         """),
-        md(YOUR_NOTES.format(what="your best setting and why; how rank / method trade trainable parameters "
-                                  "against CIDEr and CLIPScore.")),
+        md(YOUR_NOTES.format(what="your best setting and why; how rank / method / conditioning trade trainable "
+                                  "parameters against CIDEr and CLIPScore.")),
     ],
     imports="""
     from pathlib import Path

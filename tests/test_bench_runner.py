@@ -56,7 +56,8 @@ def test_quick_run_writes_json_plot_and_readme_section(tmp_path, demo_gpt2, demo
         assert {f"{m} naive", f"{m} ours b4", f"{m} hf b4", f"{m} ours+lora b1"} <= names
     for r in rows:
         assert r["seconds"] > 0 and r["throughput"] == pytest.approx(r["n"] / r["seconds"], rel=1e-2)
-    assert "greedy ours/naive @b4 (img/s)" in data["ratios"] and "train cached/uncached (samples/s)" in data["ratios"]
+    assert "greedy ours/naive @b4 (img/s)" in data["ratios"]
+    assert {f"train cached/uncached, {c} (samples/s)" for c in ("prefix", "cross")} <= set(data["ratios"])
     meta = data["run_metadata"]["bench"]
     assert meta["torch_threads"] == 1 and meta["quick"] and meta["world"] == "demo"
     assert (out / "bench.png").stat().st_size > 1000

@@ -80,6 +80,26 @@ def test_hfclip_from_a_full_clip_dir_matches_hf_pooled_output(tmp_path):
     assert load_encoder(str(tmp_path)).grid == (4, 4)  # a bare directory is an HF CLIP dir too
 
 
+def test_timm_weights_from_a_local_file(tmp_path):
+    """`timm:<name>@<file>` loads a copied checkpoint with no hub; a missing or mismatched file is named."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32).eval()
+    weights = tmp_path / "vit_tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(weights))
+    enc = load_encoder(f"timm:vit_tiny_patch16_224@{weights}", img_size=32)
+    x = enc.preprocess(IMAGES)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(x), ref.forward_features(x), rtol=0, atol=0)
+    check_frozen(enc)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_encoder(f"timm:vit_tiny_patch16_224@{tmp_path / 'missing.safetensors'}")
+    with pytest.raises(ConfigError, match="timm cannot create"):  # weights of another shape
+        load_encoder(f"timm:vit_small_patch16_224@{weights}", img_size=32)
+
+
 def test_bad_specs_raise_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="expected timm"):
         load_encoder("resnet:50")

@@ -44,11 +44,14 @@ class PrefixLMDecoder:
     """Our GPT conditioned on prefix embeddings (B, L, C) with a left-padding mask (B, L), optionally + BOS.
 
     `bos_token_id`: when given, its embedding is appended after the prefix (the usual "visual tokens + BOS").
+    `cross_states` (B, V, C): what a decoder with gated cross-attention layers attends to; their keys/values
+    are computed once and carried (and beam-reordered) in the cache.
     """
 
     def __init__(self, gpt: torch.nn.Module, prefix_embeds: Tensor, prefix_mask: Tensor | None = None,
-                 bos_token_id: int | None = None) -> None:
+                 bos_token_id: int | None = None, cross_states: Tensor | None = None) -> None:
         self.gpt = gpt
+        self.cross_states = cross_states
         B, L, _ = prefix_embeds.shape
         mask = prefix_mask if prefix_mask is not None else torch.ones(B, L, dtype=torch.long)
         mask = mask.to(prefix_embeds.device).long()
@@ -63,22 +66,30 @@ class PrefixLMDecoder:
     @torch.no_grad()
     def prefill(self) -> tuple[Tensor, dict[str, Any]]:
         """Run the prefix; return last-position logits and the cache."""
-        out = self.gpt(inputs_embeds=self.prefix_embeds, attention_mask=self.prefix_mask, use_cache=True)
-        return out.logits[:, -1].float(), {"past": out.past_key_values, "mask": self.prefix_mask}
+        cross = self.gpt.cross_kv(self.cross_states) if self.cross_states is not None else None
+        out = self.gpt(inputs_embeds=self.prefix_embeds, attention_mask=self.prefix_mask, use_cache=True,
+                       **({} if cross is None else {"cross_kv": cross}))
+        return out.logits[:, -1].float(), {"past": out.past_key_values, "mask": self.prefix_mask, "cross": cross}
 
     @torch.no_grad()
     def step(self, next_tokens: Tensor, cache: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
         """Feed one token per row; return its logits and the grown cache."""
         mask = torch.cat([cache["mask"], cache["mask"].new_ones(cache["mask"].shape[0], 1)], dim=1)
         out = self.gpt(input_ids=next_tokens[:, None].to(mask.device), attention_mask=mask,
-                       past_key_values=cache["past"], use_cache=True)
-        return out.logits[:, -1].float(), {"past": out.past_key_values, "mask": mask}
+                       past_key_values=cache["past"], use_cache=True,
+                       **({} if cache["cross"] is None else {"cross_kv": cache["cross"]}))
+        return out.logits[:, -1].float(), {"past": out.past_key_values, "mask": mask, "cross": cache["cross"]}
 
     def reorder_cache(self, cache: dict[str, Any], index: Tensor) -> dict[str, Any]:
         """Select batch rows `index` of every cached tensor."""
         index = index.to(cache["mask"].device)
-        past = [(k.index_select(0, index), v.index_select(0, index)) for k, v in cache["past"]]
-        return {"past": past, "mask": cache["mask"].index_select(0, index)}
+
+        def pick(kv: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor] | None:
+            return None if kv is None else (kv[0].index_select(0, index), kv[1].index_select(0, index))
+
+        cross = None if cache["cross"] is None else [pick(kv) for kv in cache["cross"]]
+        return {"past": [pick(kv) for kv in cache["past"]], "mask": cache["mask"].index_select(0, index),
+                "cross": cross}
 
     @torch.no_grad()
     def full_logits(self, generated: Tensor) -> Tensor:
@@ -88,7 +99,8 @@ class PrefixLMDecoder:
             generated = generated.to(embeds.device)
             embeds = torch.cat([embeds, self.gpt.transformer.wte(generated).to(embeds.dtype)], dim=1)
             mask = torch.cat([mask, torch.ones_like(generated)], dim=1)
-        return self.gpt(inputs_embeds=embeds, attention_mask=mask).logits[:, -1].float()
+        cross = {} if self.cross_states is None else {"cross_states": self.cross_states}
+        return self.gpt(inputs_embeds=embeds, attention_mask=mask, **cross).logits[:, -1].float()
 
 
 class HFDecoder:

@@ -219,20 +219,29 @@ def _strip_eos(seqs: Sequence[Sequence[int]], eos: int | Sequence[int] | None, p
 # --------------------------------------------------------------------------------- PEFT captioner (GPT)
 
 
-def gpt_attention_modules(decoder: torch.nn.Module) -> list[torch.nn.Module]:
-    """The decoder's `CausalSelfAttention` modules in layer order (works through peft wrappers)."""
-    from captionlab.models.decoder import CausalSelfAttention
+def gpt_attention_modules(decoder: torch.nn.Module, cross: bool = False) -> list[torch.nn.Module]:
+    """The decoder's `CausalSelfAttention` modules (or, with `cross`, its `GatedCrossAttention` modules) in
+    layer order (works through peft wrappers)."""
+    from captionlab.models.decoder import CausalSelfAttention, GatedCrossAttention
 
-    mods = [m for m in decoder.modules() if isinstance(m, CausalSelfAttention)]
+    kind = GatedCrossAttention if cross else CausalSelfAttention
+    mods = [m for m in decoder.modules() if isinstance(m, kind)]
     if not mods:
-        raise ConfigError(f"{type(decoder).__name__}: no CausalSelfAttention layers to capture")
+        raise ConfigError(f"{type(decoder).__name__}: no {kind.__name__} layers to capture")
     return mods
 
 
+def captioner_attention_modules(captioner: Any) -> list[torch.nn.Module]:
+    """The layers whose attention reaches the image: self-attention (prefix conditioning) or the gated
+    cross-attention layers (cross conditioning; layer i is the i-th cross-attention layer)."""
+    return gpt_attention_modules(captioner.decoder, cross=bool(getattr(captioner, "cross", False)))
+
+
 @contextmanager
-def gpt_capture(decoder: torch.nn.Module, hooks: dict[int, Callable[[Tensor], None]]) -> Iterator[None]:
+def gpt_capture(decoder: torch.nn.Module, hooks: dict[int, Callable[[Tensor], None]],
+                cross: bool = False) -> Iterator[None]:
     """Set `capture` hooks on decoder layers {index: fn} for the duration of the block (then unset)."""
-    mods = gpt_attention_modules(decoder)
+    mods = gpt_attention_modules(decoder, cross)
     try:
         for i, fn in hooks.items():
             mods[i].capture = fn
@@ -269,7 +278,8 @@ def capture_captioner_layers(captioner: Any, images: Sequence[Any], layers: Laye
     from captionlab.decode import PrefixLMDecoder, greedy_search
 
     pil, names = _as_images(images)
-    mods = gpt_attention_modules(captioner.decoder)
+    cross = bool(getattr(captioner, "cross", False))
+    mods = captioner_attention_modules(captioner)
     idx = _resolve_layers(layers, len(mods))
     grid = _captioner_grid(captioner)
     start, end = captioner.image_key_span()
@@ -281,10 +291,13 @@ def capture_captioner_layers(captioner: Any, images: Sequence[Any], layers: Laye
     try:
         for i in tqdm(range(0, len(pil), batch_size), desc="attention", unit="batch", disable=not progress):
             chunk = pil[i:i + batch_size]
-            prefix, mask = _captioner_prefix(captioner, chunk)
+            if hasattr(captioner, "lm_decoder"):
+                decoder = captioner.lm_decoder(captioner.visual_embeds(pixel_values=captioner.encoder.preprocess(chunk)))
+            else:
+                decoder = PrefixLMDecoder(captioner.decoder, *_captioner_prefix(captioner, chunk))
             recs = {j: _Recorder(torch.full((len(chunk),), start), end - start) for j in idx}
-            with gpt_capture(captioner.decoder, dict(recs)):
-                seqs = greedy_search(PrefixLMDecoder(captioner.decoder, prefix, mask), max_new_tokens=max_new,
+            with gpt_capture(captioner.decoder, dict(recs), cross):
+                seqs = greedy_search(decoder, max_new_tokens=max_new,
                                      eos_token_id=tok.eos_token_id, repetition_penalty=repetition_penalty,
                                      min_new_tokens=min_new_tokens)
             ids = _strip_eos(seqs, tok.eos_token_id)
@@ -300,8 +313,12 @@ def capture_captioner(captioner: Any, images: Sequence[Any], layer: LayerSpec = 
                       batch_size: int = 16, rollout: bool = False, progress: bool = True,
                       min_new_tokens: int = 0) -> list[AttentionResult]:
     """Greedy captions with per-word attention maps of the PEFT captioner at `layer` (an index, a list to average,
-    or "all" to average every layer) reduced over `heads`; `rollout=True` adds attention-rollout maps instead."""
-    mods = gpt_attention_modules(captioner.decoder)
+    or "all" to average every layer) reduced over `heads`; `rollout=True` adds attention-rollout maps instead.
+    With cross conditioning, layer i is the decoder's i-th gated cross-attention layer."""
+    if rollout and getattr(captioner, "cross", False):
+        raise ConfigError("attention rollout follows self-attention paths to a visual prefix: it needs "
+                          "conditioning='prefix' (this captioner uses cross-attention; capture its layers instead)")
+    mods = captioner_attention_modules(captioner)
     idx = _resolve_layers(layer, len(mods))
     per = capture_captioner_layers(captioner, images, idx, heads, "tokens", max_new_tokens, repetition_penalty,
                                    batch_size, progress, min_new_tokens)
@@ -542,11 +559,11 @@ def num_layers(model: Any) -> int:
     """Number of decoder layers that can be captured."""
     if is_llava(model):
         return len(llava_decoder_layers(model.model))
-    return len(gpt_attention_modules(model.decoder))
+    return len(captioner_attention_modules(model))
 
 
 def num_heads(model: Any) -> int:
     """Attention heads per captured layer."""
     if is_llava(model):
         return int(model.model.config.text_config.num_attention_heads)
-    return int(gpt_attention_modules(model.decoder)[0].n_head)
+    return int(captioner_attention_modules(model)[0].n_head)

@@ -1,8 +1,13 @@
 """The PEFT captioner: a frozen vision encoder, a trainable projector, and a frozen GPT-2 decoder with PEFT
 (LoRA via HF peft, or the decoder's built-in adapters / prefix tuning).
 
-Sequence layout (prefix conditioning): [visual tokens (CLS?) + patches] [bos] caption [eos] [pad...]. The
-visual tokens are projected encoder features fed as `inputs_embeds`; the loss covers the caption and eos only.
+Two ways to condition the decoder on the projected visual tokens (CLS? + patches):
+- `prefix`: the sequence is [visual tokens] [bos] caption [eos] [pad...]; the visual tokens are fed as
+  `inputs_embeds` and caption tokens attend to them through the decoder's own self-attention.
+- `cross`: the sequence is [bos] caption [eos] [pad...]; gated cross-attention layers (Flamingo, gates start
+  at 0 so the pretrained LM is unchanged at first) in front of every `cross_every`-th block attend to the
+  visual tokens. The cross layers are trainable and count against the budget.
+The loss covers the caption and eos only.
 """
 
 from __future__ import annotations
@@ -28,11 +33,13 @@ from captionlab.models.peft_wiring import (
     format_report,
     freeze,
     parameter_report,
+    unfreeze_matching,
     wire_decoder,
 )
 from captionlab.utils import dataclass_from_dict, atomic_write_json, save_safetensors_atomic
 
 WEIGHTS_NAME = "trainable.safetensors"
+CONDITIONINGS = ("prefix", "cross")
 CONFIG_NAME = "captioner.json"
 
 
@@ -41,7 +48,9 @@ class CaptionerConfig:
     encoder: str  # encoder spec: timm:<name> | open_clip:<arch>:<tag> | hfclip:<dir>
     decoder: str  # decoder_model.bin | HF GPT-2 dir or id
     projector: str = "mlp"  # linear | mlp
-    conditioning: str = "prefix"  # prefix (visual tokens prepended in self-attention); cross: not implemented
+    conditioning: str = "prefix"  # prefix (visual tokens prepended in self-attention) | cross (gated cross-attn)
+    cross_every: int = 1  # cross: a gated cross-attention layer in front of blocks 0, k, 2k, ...
+    cross_dim: int = 0  # cross: inner width of each cross-attention layer (0 = the decoder's width)
     use_cls: bool = True  # keep the encoder's CLS / prefix tokens in front of the patch tokens
     visual_pool: int = 0  # average-pool the patch grid by this factor (CLS untouched); 0 = smallest that fits
     peft: str = "lora"  # lora | adapter | prefix | none
@@ -79,27 +88,33 @@ class Captioner(nn.Module):
 
         if config.peft not in PEFT_METHODS:
             raise ConfigError(f"captioner.peft must be one of {PEFT_METHODS}, got {config.peft!r}")
-        if config.conditioning != "prefix":
-            raise ConfigError(f"captioner.conditioning={config.conditioning!r} is not implemented (use 'prefix')")
+        if config.conditioning not in CONDITIONINGS:
+            raise ConfigError(f"captioner.conditioning must be one of {CONDITIONINGS}, got {config.conditioning!r}")
+        if config.conditioning == "cross" and config.cross_every < 1:
+            raise ConfigError(f"captioner.cross_every must be >= 1, got {config.cross_every}")
         self.config = config = replace(config, lora_targets=list(config.lora_targets))
         self.encoder = freeze(load_encoder(config.encoder)).eval()
         overrides = {"adapter_dim": config.adapter_dim} if config.peft == "adapter" else {}
         overrides |= {"prefix_len": config.prefix_len} if config.peft == "prefix" else {}
+        if self.cross:
+            overrides |= {"cross_every": config.cross_every, "cross_dim": config.cross_dim}
         gpt, self.tokenizer = load_decoder(config.decoder, **overrides)
         self.decoder = wire_decoder(gpt, config.peft, config.lora_rank, config.lora_alpha, config.lora_dropout,
                                     config.lora_targets)
+        if self.cross:
+            unfreeze_matching(self.decoder, [".crossattn."])
         self.projector = build_projector(config.projector, self.encoder.dim, gpt.config.n_embd)
         self.n_cls = int(self.encoder.num_prefix_tokens) if config.use_cls else 0
         if config.visual_pool < 0:
             raise ConfigError(f"captioner.visual_pool must be >= 0 (0 = auto), got {config.visual_pool}")
         if config.visual_pool == 0:  # auto: the finest grid whose tokens fit the decoder's positions
-            config.visual_pool = next((k for k in range(1, max(self.encoder.grid) + 1)
-                                       if self.n_cls + math.ceil(self.encoder.grid[0] / k)
-                                       * math.ceil(self.encoder.grid[1] / k) + config.max_caption_tokens + 2
-                                       <= gpt.config.n_positions), 1)
+            config.visual_pool = 1 if self.cross else next(
+                (k for k in range(1, max(self.encoder.grid) + 1)
+                 if self.n_cls + math.ceil(self.encoder.grid[0] / k) * math.ceil(self.encoder.grid[1] / k)
+                 + config.max_caption_tokens + 2 <= gpt.config.n_positions), 1)
         gh, gw = self.image_grid()
         self.n_visual = self.n_cls + gh * gw
-        need = self.n_visual + config.max_caption_tokens + 2
+        need = (0 if self.cross else self.n_visual) + config.max_caption_tokens + 2
         if need > gpt.config.n_positions:
             raise ConfigError(f"{self.n_visual} visual tokens + {config.max_caption_tokens} caption tokens + bos/eos "
                               f"= {need} exceed the decoder's n_positions={gpt.config.n_positions} "
@@ -132,6 +147,11 @@ class Captioner(nn.Module):
     # ------------------------------------------------------------------ inputs
 
     @property
+    def cross(self) -> bool:
+        """True when the decoder attends to the visual tokens through gated cross-attention layers."""
+        return self.config.conditioning == "cross"
+
+    @property
     def device(self) -> torch.device:
         return self.projector[0].weight.device
 
@@ -142,8 +162,9 @@ class Captioner(nn.Module):
         return -(-gh // k), -(-gw // k)
 
     def image_key_span(self) -> tuple[int, int]:
-        """(start, end) of the image patch tokens (CLS excluded, row-major image_grid()) on the attention key axis."""
-        start = self.decoder.config.prefix_len + self.n_cls
+        """(start, end) of the image patch tokens (CLS excluded, row-major image_grid()) on the attention key axis
+        (self-attention keys for prefix conditioning, cross-attention keys for cross conditioning)."""
+        start = self.n_cls if self.cross else self.decoder.config.prefix_len + self.n_cls
         gh, gw = self.image_grid()
         return start, start + gh * gw
 
@@ -188,11 +209,16 @@ class Captioner(nn.Module):
         """Caption cross-entropy (padding ignored); reduction 'mean' over tokens or 'sum'."""
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         vis = self.visual_embeds(pixel_values, features)
-        B, V = vis.shape[:2]
-        embeds = torch.cat([vis, self.decoder.embed_tokens(input_ids).to(vis.dtype)], dim=1)
-        mask = torch.cat([torch.ones(B, V, dtype=attention_mask.dtype, device=self.device), attention_mask], dim=1)
-        logits = self.decoder(inputs_embeds=embeds, attention_mask=mask).logits
-        pred = logits[:, V:-1].float()  # position V+j predicts token j+1
+        tokens = self.decoder.embed_tokens(input_ids).to(vis.dtype)
+        if self.cross:
+            logits = self.decoder(inputs_embeds=tokens, attention_mask=attention_mask, cross_states=vis).logits
+        else:
+            B, V = vis.shape[:2]
+            embeds = torch.cat([vis, tokens], dim=1)
+            mask = torch.cat([torch.ones(B, V, dtype=attention_mask.dtype, device=self.device), attention_mask], 1)
+            # the LM head runs on the caption positions only (position V + j predicts token j + 1)
+            logits = self.decoder(inputs_embeds=embeds, attention_mask=mask, logits_from=V).logits
+        pred = logits[:, :-1].float()
         target = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
         return F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), ignore_index=-100,
                                reduction=reduction)
@@ -204,7 +230,6 @@ class Captioner(nn.Module):
                  method: str = "beam", beam_size: int = 3, max_new_tokens: int | None = None,
                  repetition_penalty: float = 1.0, batch_size: int = 32) -> list[str]:
         """Captions for PIL images / image paths / pixel tensors, or cached encoder features."""
-        from captionlab.decode import PrefixLMDecoder
         from captionlab.decode import generate as decode_generate
 
         was_training = self.training
@@ -218,8 +243,7 @@ class Captioner(nn.Module):
                 vis = self.visual_embeds(features=features[i:i + batch_size])
             else:
                 vis = self.visual_embeds(pixel_values=self._pixels(images[i:i + batch_size]))
-            prefix_mask = torch.ones(vis.shape[:2], dtype=torch.long, device=self.device)
-            decoder = PrefixLMDecoder(self.decoder, vis, prefix_mask, bos_token_id=tok.bos_token_id)
+            decoder = self.lm_decoder(vis)
             ids = decode_generate(decoder, method=method,
                                   beam_size=beam_size, max_new_tokens=max_new_tokens,
                                   eos_token_id=tok.eos_token_id, repetition_penalty=repetition_penalty)
@@ -230,6 +254,17 @@ class Captioner(nn.Module):
                 out.append(tok.decode(seq, skip_special_tokens=True).strip())
         self.train(was_training)
         return out
+
+    def lm_decoder(self, vis: Tensor) -> Any:
+        """The decoding object (`captionlab.decode.PrefixLMDecoder`) for projected visual tokens (B, V, C):
+        visual prefix + bos, or bos alone with the visual tokens as cross-attention states."""
+        from captionlab.decode import PrefixLMDecoder
+
+        bos = self.tokenizer.bos_token_id
+        if self.cross:
+            return PrefixLMDecoder(self.decoder, vis[:, :0], bos_token_id=bos, cross_states=vis)
+        return PrefixLMDecoder(self.decoder, vis, torch.ones(vis.shape[:2], dtype=torch.long, device=self.device),
+                               bos_token_id=bos)
 
     def _pixels(self, images: Sequence[Any] | Tensor) -> Tensor:
         if isinstance(images, Tensor):

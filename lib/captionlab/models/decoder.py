@@ -1,5 +1,6 @@
 """A GPT-2 decoder in one readable file (nanoGPT style) with HF GPT-2 module names, KV cache, inputs_embeds
-prefixes, left padding, optional bottleneck adapters / prefix tuning, and a per-layer attention capture hook.
+prefixes, left padding, optional bottleneck adapters / prefix tuning / gated cross-attention layers, and a
+per-layer attention capture hook.
 
 Module names match HF `GPT2LMHeadModel` (`transformer.h.0.attn.c_attn`, ...), so HF / course weights load 1:1
 and peft `target_modules` names work unchanged. Linear layers are `nn.Linear` (HF uses Conv1D: transposed).
@@ -37,6 +38,12 @@ class GPTConfig:
     dropout: float = 0.0
     adapter_dim: int = 0  # >0: bottleneck adapters after attention and after the MLP in every block
     prefix_len: int = 0  # >0: learned per-layer key/value prefixes (prefix tuning)
+    cross_every: int = 0  # >0: a gated cross-attention layer (Flamingo) before blocks 0, k, 2k, ...
+    cross_dim: int = 0  # inner width of the cross-attention and its dense layer (0 = n_embd)
+
+    def has_cross(self, layer: int) -> bool:
+        """Whether block `layer` has a gated cross-attention layer in front of it."""
+        return self.cross_every > 0 and layer % self.cross_every == 0
 
     @property
     def head_dim(self) -> int:
@@ -48,6 +55,10 @@ class DecoderOutput:
     logits: Tensor  # (B, T, vocab)
     past_key_values: list[LayerCache] | None  # per layer, when use_cache
     hidden_states: Tensor  # (B, T, n_embd), after the final layer norm
+
+
+# Cross-attention keys/values of the visual tokens, per block (None for blocks without cross-attention).
+CrossCache = list[LayerCache | None]
 
 
 class Adapter(nn.Module):
@@ -107,6 +118,54 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y)), present
 
 
+class GatedCrossAttention(nn.Module):
+    """Flamingo's gated cross-attention dense layer: text queries attend to visual tokens, then a dense layer;
+    both residual branches are scaled by tanh of a zero-initialised gate, so a new layer starts as the identity
+    and the pretrained language model is unchanged until training opens the gates.
+
+    x = x + tanh(g_attn) * out(attn(ln_1(x) -> q, visual -> k, v));  x = x + tanh(g_ff) * ff(ln_2(x))
+
+    `capture`: as in CausalSelfAttention, called with the softmax weights (B, n_head, T_query, n_visual).
+    Visual tokens carry no padding; every query sees all of them.
+    """
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        C, d = config.n_embd, config.cross_dim or config.n_embd
+        if d % config.n_head:
+            raise ConfigError(f"cross_dim={d} must be divisible by n_head={config.n_head}")
+        self.n_head, self.head_dim, self.dim = config.n_head, d // config.n_head, d
+        self.ln_1 = nn.LayerNorm(C, eps=config.layer_norm_epsilon)
+        self.q = nn.Linear(C, d)
+        self.kv = nn.Linear(C, 2 * d)
+        self.out = nn.Linear(d, C)
+        self.ln_2 = nn.LayerNorm(C, eps=config.layer_norm_epsilon)
+        self.ff = nn.Sequential(nn.Linear(C, d), nn.GELU(), nn.Linear(d, C))
+        self.gate_attn = nn.Parameter(torch.zeros(1))
+        self.gate_ff = nn.Parameter(torch.zeros(1))
+        self.capture: Callable[[Tensor], None] | None = None
+
+    def keys_values(self, visual: Tensor) -> LayerCache:
+        """(k, v), each (B, n_head, n_visual, head_dim), of visual tokens (B, n_visual, n_embd)."""
+        B, V, _ = visual.shape
+        k, v = self.kv(visual).split(self.dim, dim=2)
+        return tuple(t.view(B, V, self.n_head, self.head_dim).transpose(1, 2) for t in (k, v))  # type: ignore[return-value]
+
+    def forward(self, x: Tensor, kv: LayerCache) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q(self.ln_1(x)).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k, v = (t.to(q.dtype) for t in kv)
+        if self.capture is not None:
+            att = ((q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)).softmax(dim=-1)
+            self.capture(att)
+            y = att @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.dim)
+        x = x + torch.tanh(self.gate_attn) * self.out(y)
+        return x + torch.tanh(self.gate_ff) * self.ff(self.ln_2(x))
+
+
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -119,8 +178,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, cross: bool = False) -> None:
         super().__init__()
+        if cross:
+            self.crossattn = GatedCrossAttention(config)
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
@@ -130,7 +191,11 @@ class Block(nn.Module):
             self.adapter_mlp = Adapter(config.n_embd, config.adapter_dim)
 
     def forward(self, x: Tensor, mask: Tensor, past: LayerCache | None = None,
-                prefix_kv: Tensor | None = None) -> tuple[Tensor, LayerCache]:
+                prefix_kv: Tensor | None = None, cross_kv: LayerCache | None = None) -> tuple[Tensor, LayerCache]:
+        if hasattr(self, "crossattn"):
+            if cross_kv is None:
+                raise ValueError("this decoder has cross-attention layers: pass cross_states or cross_kv")
+            x = self.crossattn(x, cross_kv)
         a, present = self.attn(self.ln_1(x), mask, past, prefix_kv)
         if hasattr(self, "adapter_attn"):
             a = self.adapter_attn(a)
@@ -151,7 +216,7 @@ class GPT(nn.Module):
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.n_positions, config.n_embd),
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            h=nn.ModuleList([Block(config, config.has_cross(i)) for i in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -188,14 +253,23 @@ class GPT(nn.Module):
         """Token embeddings (B, T, n_embd) of `input_ids` (no positions)."""
         return self.transformer.wte(input_ids)
 
+    def cross_kv(self, cross_states: Tensor) -> CrossCache:
+        """Per block, the cross-attention keys/values of visual tokens (B, n_visual, n_embd); None where none."""
+        return [b.crossattn.keys_values(cross_states) if hasattr(b, "crossattn") else None
+                for b in self.transformer.h]
+
     def forward(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
                 attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
-                past_key_values: list[LayerCache] | None = None, use_cache: bool = False) -> DecoderOutput:
+                past_key_values: list[LayerCache] | None = None, use_cache: bool = False,
+                cross_states: Tensor | None = None, cross_kv: CrossCache | None = None,
+                logits_from: int = 0) -> DecoderOutput:
         """Logits for `input_ids` (B,T) or `inputs_embeds` (B,T,C) after an optional cache of T_past positions.
 
         attention_mask: (B, T_past + T), 1 = attend (left padding supported); positions default to the
         attention mask's cumulative sum - 1 (so left padding does not shift them). Learned prefix-tuning keys
-        are always attended and take no positions.
+        are always attended and take no positions. cross_states (B, V, C) / cross_kv (from `cross_kv`): what
+        the gated cross-attention layers attend to (decoders built with cross_every > 0). logits_from: compute
+        the LM head only for positions >= this (training skips the visual prefix rows).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -213,15 +287,17 @@ class GPT(nn.Module):
             raise ValueError(f"sequence longer than n_positions={self.config.n_positions}")
         x = self.transformer.drop(x + self.transformer.wpe(position_ids))
         mask = self._attention_mask(attention_mask.bool(), T, past_len)
+        if cross_kv is None and cross_states is not None:
+            cross_kv = self.cross_kv(cross_states)
         presents: list[LayerCache] = []
         for i, block in enumerate(self.transformer.h):
             past = past_key_values[i] if past_key_values else None
             prefix = self.prefix_kv[i] if self.config.prefix_len > 0 else None
-            x, present = block(x, mask, past, prefix)
+            x, present = block(x, mask, past, prefix, cross_kv[i] if cross_kv is not None else None)
             presents.append(present)
         x = self.transformer.ln_f(x)
-        return DecoderOutput(logits=self.lm_head(x), past_key_values=presents if use_cache else None,
-                             hidden_states=x)
+        return DecoderOutput(logits=self.lm_head(x[:, logits_from:] if logits_from else x),
+                             past_key_values=presents if use_cache else None, hidden_states=x)
 
     def _attention_mask(self, keep: Tensor, T: int, past_len: int) -> Tensor:
         """Bool (B, 1, T, prefix_len + past_len + T): causal AND key not padding; prefix keys always on."""
@@ -394,7 +470,8 @@ def load_decoder(spec: str | os.PathLike, **overrides: Any) -> tuple[GPT, Any]:
                                  **{"layer_norm_epsilon": hf.get("layer_norm_epsilon", 1e-5), **overrides})
     model = GPT(cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k != "lm_head.weight" and "adapter_" not in k and k != "prefix_kv"]
+    missing = [k for k in missing if k != "lm_head.weight" and "adapter_" not in k and k != "prefix_kv"
+               and ".crossattn." not in k]
     if missing or unexpected:
         raise ConfigError(f"{weights}: weights do not match a GPT-2 of {cfg}: missing {missing[:5]}, "
                           f"unexpected {unexpected[:5]}")

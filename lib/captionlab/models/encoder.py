@@ -1,6 +1,7 @@
 """Frozen vision encoders that output patch tokens: timm, open_clip and HF CLIP vision towers behind one API.
 
-Specs: `timm:<name>` (e.g. `timm:vit_large_patch14_clip_224.openai`), `open_clip:<arch>[:<pretrained tag>]`
+Specs: `timm:<name>[@<weights file>]` (e.g. `timm:vit_large_patch14_clip_224.openai`; `@file` loads the weights
+from a local safetensors / .bin instead of the hub), `open_clip:<arch>[:<pretrained tag>]`
 (e.g. `open_clip:ViT-B-32:openai`), `hfclip:<dir or id>` (CLIPVisionModel; the demo tiny CLIP), or a bare path
 to an HF CLIP dir. Every encoder returns (B, num_prefix_tokens + gh*gw, dim) tokens, CLS first when present,
 after the tower's final layer norm.
@@ -82,6 +83,11 @@ def load_encoder(spec: str, pretrained: bool = True, freeze: bool = True, **mode
 def _timm_encoder(name: str, pretrained: bool, freeze: bool, spec: str, **kwargs: Any) -> VisionEncoder:
     import timm
 
+    name, _, weights = name.partition("@")
+    if weights:  # timm:<name>@<file>: the weights from a local file (no hub), e.g. a manually copied checkpoint
+        if not Path(weights).is_file():
+            raise ConfigError(f"encoder {spec!r}: weights file {weights} does not exist")
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(weights))
     try:
         model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
     except Exception as exc:  # noqa: BLE001 - unknown name or weights missing offline

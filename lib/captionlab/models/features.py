@@ -37,7 +37,7 @@ class FeatureStore:
 def _spec_fingerprint(spec: str) -> str:
     """The spec plus size/mtime of the files it points at (so a rebuilt local checkpoint invalidates the cache)."""
     parts = [spec]
-    for candidate in (spec, spec.split(":", 1)[-1]):
+    for candidate in (spec, spec.split(":", 1)[-1], spec.rpartition("@")[2]):
         p = Path(candidate)
         if p.exists():
             files = sorted(p.iterdir()) if p.is_dir() else [p]
