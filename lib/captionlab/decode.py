@@ -68,7 +68,7 @@ class PrefixLMDecoder:
         """Run the prefix; return last-position logits and the cache."""
         cross = self.gpt.cross_kv(self.cross_states) if self.cross_states is not None else None
         out = self.gpt(inputs_embeds=self.prefix_embeds, attention_mask=self.prefix_mask, use_cache=True,
-                       **({} if cross is None else {"cross_kv": cross}))
+                       cross_kv=cross)
         return out.logits[:, -1].float(), {"past": out.past_key_values, "mask": self.prefix_mask, "cross": cross}
 
     @torch.no_grad()
@@ -76,8 +76,7 @@ class PrefixLMDecoder:
         """Feed one token per row; return its logits and the grown cache."""
         mask = torch.cat([cache["mask"], cache["mask"].new_ones(cache["mask"].shape[0], 1)], dim=1)
         out = self.gpt(input_ids=next_tokens[:, None].to(mask.device), attention_mask=mask,
-                       past_key_values=cache["past"], use_cache=True,
-                       **({} if cache["cross"] is None else {"cross_kv": cache["cross"]}))
+                       past_key_values=cache["past"], use_cache=True, cross_kv=cache["cross"])
         return out.logits[:, -1].float(), {"past": out.past_key_values, "mask": mask, "cross": cache["cross"]}
 
     def reorder_cache(self, cache: dict[str, Any], index: Tensor) -> dict[str, Any]:
@@ -99,8 +98,7 @@ class PrefixLMDecoder:
             generated = generated.to(embeds.device)
             embeds = torch.cat([embeds, self.gpt.transformer.wte(generated).to(embeds.dtype)], dim=1)
             mask = torch.cat([mask, torch.ones_like(generated)], dim=1)
-        cross = {} if self.cross_states is None else {"cross_states": self.cross_states}
-        return self.gpt(inputs_embeds=embeds, attention_mask=mask, **cross).logits[:, -1].float()
+        return self.gpt(inputs_embeds=embeds, attention_mask=mask, cross_states=self.cross_states).logits[:, -1].float()
 
 
 class HFDecoder:

@@ -260,13 +260,9 @@ def _captioner_grid(captioner: Any) -> tuple[int, int]:
     return int(grid[0]), int(grid[1])
 
 
-def _captioner_prefix(captioner: Any, pil: list[Image.Image]) -> tuple[Tensor, Tensor]:
-    vis = captioner.visual_embeds(pixel_values=captioner.encoder.preprocess(pil))
-    B = vis.shape[0]
-    bos_id = captioner.tokenizer.bos_token_id
-    bos = captioner.decoder.embed_tokens(torch.full((B, 1), bos_id, device=captioner.device))
-    prefix = torch.cat([vis, bos.to(vis.dtype)], dim=1)
-    return prefix, torch.ones(prefix.shape[:2], dtype=torch.long, device=captioner.device)
+def _captioner_lm_decoder(captioner: Any, pil: list[Image.Image]) -> Any:
+    """The captioner's decoding object (prompt = visual prefix + bos, or bos with cross states) for `pil`."""
+    return captioner.lm_decoder(captioner.visual_embeds(pixel_values=captioner.encoder.preprocess(pil)))
 
 
 @torch.no_grad()
@@ -275,11 +271,11 @@ def capture_captioner_layers(captioner: Any, images: Sequence[Any], layers: Laye
                              repetition_penalty: float = 1.0, batch_size: int = 16, progress: bool = True,
                              min_new_tokens: int = 0) -> dict[int, list[AttentionResult]]:
     """One greedy generation pass capturing each of `layers` separately: {layer: [AttentionResult per image]}."""
-    from captionlab.decode import PrefixLMDecoder, greedy_search
+    from captionlab.decode import greedy_search
 
     pil, names = _as_images(images)
     cross = bool(getattr(captioner, "cross", False))
-    mods = captioner_attention_modules(captioner)
+    mods = gpt_attention_modules(captioner.decoder, cross)
     idx = _resolve_layers(layers, len(mods))
     grid = _captioner_grid(captioner)
     start, end = captioner.image_key_span()
@@ -291,10 +287,7 @@ def capture_captioner_layers(captioner: Any, images: Sequence[Any], layers: Laye
     try:
         for i in tqdm(range(0, len(pil), batch_size), desc="attention", unit="batch", disable=not progress):
             chunk = pil[i:i + batch_size]
-            if hasattr(captioner, "lm_decoder"):
-                decoder = captioner.lm_decoder(captioner.visual_embeds(pixel_values=captioner.encoder.preprocess(chunk)))
-            else:
-                decoder = PrefixLMDecoder(captioner.decoder, *_captioner_prefix(captioner, chunk))
+            decoder = _captioner_lm_decoder(captioner, chunk)
             recs = {j: _Recorder(torch.full((len(chunk),), start), end - start) for j in idx}
             with gpt_capture(captioner.decoder, dict(recs), cross):
                 seqs = greedy_search(decoder, max_new_tokens=max_new,
@@ -337,7 +330,7 @@ def capture_captioner(captioner: Any, images: Sequence[Any], layer: LayerSpec = 
 def _rollout_captioner(captioner: Any, res: AttentionResult, unit: str) -> AttentionResult:
     """Attention rollout over all decoder layers for one captured caption (one extra full forward)."""
     mods = gpt_attention_modules(captioner.decoder)
-    prefix, mask = _captioner_prefix(captioner, [res.image])
+    prefix = _captioner_lm_decoder(captioner, [res.image]).prefix_embeds  # visual tokens + bos
     ids = torch.tensor([res.token_ids], dtype=torch.long, device=captioner.device)
     embeds = torch.cat([prefix, captioner.decoder.embed_tokens(ids).to(prefix.dtype)], dim=1)
     P = captioner.decoder.config.prefix_len
