@@ -98,6 +98,12 @@ def ratios(rows: list[dict]) -> dict[str, float]:
                 out[f"{m} ours/hf @b{b} (img/s)"] = top["throughput"] / hf["throughput"]
             if lora and hf:
                 out[f"{m} ours+lora/hf @b{b} (img/s)"] = lora["throughput"] / hf["throughput"]
+    for model in ("llava", "llava576"):
+        for m in ("greedy", "beam3"):
+            for b in (1, 8):
+                o, h = _find(rows, f"{model} {m} ours b{b}"), _find(rows, f"{model} {m} hf b{b}")
+                if o and h:
+                    out[f"{model} {m} ours/hf @b{b} (img/s)"] = o["throughput"] / h["throughput"]
     for suffix, label in (("", "prefix"), (" (cross)", "cross")):
         c, u = _find(rows, f"train cached features{suffix}"), _find(rows, f"train encoder every step{suffix}")
         if c and u:
