@@ -40,18 +40,26 @@ def test_same_config_and_inputs_reuse_and_change_recomputes(tmp_path: Path):
     assert not changed.reused and len(calls) == 3
 
 
-def test_failed_compute_leaves_no_entry(tmp_path: Path):
+def test_failed_compute_leaves_no_entry_and_the_rerun_continues_in_its_folder(tmp_path: Path):
     cache = ResultCache(tmp_path / "results")
+    seen: list[Path] = []
 
     def boom(out: Path) -> dict:
-        (out / "half.bin").write_bytes(b"x")
+        seen.append(out)
+        (out / "step-1.bin").write_bytes(b"x")
         raise RuntimeError("killed")
 
     with pytest.raises(RuntimeError):
-        cache.run("eval", {"a": 1}, boom)
-    assert not [p for p in (tmp_path / "results" / "eval").iterdir() if not p.name.endswith(".lock")]
-    calls: list = []
-    assert not cache.run("eval", {"a": 1}, _counting(calls)).reused
+        cache.run("train", {"a": 1}, boom)
+    assert not (tmp_path / "results" / "train" / cache.key("train", {"a": 1}) / "result.json").exists()
+
+    def resume(out: Path) -> dict:
+        seen.append(out)
+        return {"resumed_from": sorted(p.name for p in out.iterdir())}
+
+    r = cache.run("train", {"a": 1}, resume)
+    assert seen[0] == seen[1] and r.value == {"resumed_from": ["step-1.bin"]} and not r.reused
+    assert (r.dir / "step-1.bin").exists() and not seen[0].exists()
 
 
 def test_disabled_cache_always_computes(tmp_path: Path):
@@ -74,6 +82,10 @@ def test_fingerprint_tracks_content_names_and_large_files(tmp_path: Path, monkey
     (d / "sub" / "x.txt").rename(d / "sub" / "y.txt")
     assert fingerprint(d) != fp2
     assert fingerprint(tmp_path / "nope") == fingerprint(tmp_path / "nope2")  # both missing
+    listing = fingerprint(d, content=False)
+    (d / "sub" / "y.txt").write_text("six")  # same size and (maybe) same mtime: a listing may not notice...
+    os.utime(d / "sub" / "y.txt", ns=(5, 5))
+    assert fingerprint(d, content=False) != listing  # ...but a new mtime it does
     monkeypatch.setattr(resultcache, "HASH_LIMIT", 2)
     big = tmp_path / "big.bin"
     big.write_bytes(b"abc")

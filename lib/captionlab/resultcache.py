@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +27,9 @@ HASH_LIMIT = 64 * 1024 * 1024  # bytes; larger files are fingerprinted by (size,
 _SKIP = {"__pycache__", ".ipynb_checkpoints", ".git"}
 
 
-def _file_digest(path: Path, h: "hashlib._Hash") -> None:
+def _file_digest(path: Path, h: "hashlib._Hash", content: bool = True) -> None:
     st = path.stat()
-    if st.st_size > HASH_LIMIT:
+    if not content or st.st_size > HASH_LIMIT:
         h.update(f"large:{st.st_size}:{st.st_mtime_ns}".encode())
         return
     with open(path, "rb") as f:
@@ -38,14 +37,17 @@ def _file_digest(path: Path, h: "hashlib._Hash") -> None:
             h.update(block)
 
 
-def fingerprint(path: str | os.PathLike) -> str:
-    """A short digest of a file's or a directory tree's content (missing path: a fixed 'missing' digest)."""
+def fingerprint(path: str | os.PathLike, content: bool = True) -> str:
+    """A short digest of a file's or a directory tree's content (missing path: a fixed 'missing' digest).
+
+    `content=False` digests names, sizes and modification times only (a folder of many images).
+    """
     path = Path(path)
     h = hashlib.sha256()
     if not path.exists():
         h.update(b"missing")
     elif path.is_file():
-        _file_digest(path, h)
+        _file_digest(path, h, content)
     else:
         for root, dirs, files in os.walk(path):
             dirs[:] = sorted(d for d in dirs if d not in _SKIP and not d.startswith(".tmp"))
@@ -54,7 +56,7 @@ def fingerprint(path: str | os.PathLike) -> str:
                     continue
                 p = Path(root) / name
                 h.update(str(p.relative_to(path)).encode() + b"\0")
-                _file_digest(p, h)
+                _file_digest(p, h, content)
     return h.hexdigest()[:16]
 
 
@@ -113,17 +115,18 @@ class ResultCache:
         self.root = Path(root) if root is not None else cache_dir() / "results"
         self.enabled = enabled
 
-    def key(self, kind: str, config: Mapping[str, Any], inputs: Iterable[str | os.PathLike] = ()) -> str:
-        """The entry key: a digest of everything that produced the result."""
+    def key(self, kind: str, config: Mapping[str, Any], inputs: Iterable[str | os.PathLike] = (),
+            listings: Iterable[str | os.PathLike] = ()) -> str:
+        """The entry key: a digest of everything that produced the result (`listings`: folders keyed by listing)."""
         doc = {"kind": kind, "config": _canonical(config), "source": source_fingerprint(),
-               "inputs": {os.fspath(p): fingerprint(p) for p in inputs}}
+               "inputs": {os.fspath(p): fingerprint(p) for p in inputs},
+               "listings": {os.fspath(p): fingerprint(p, content=False) for p in listings}}
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
     def run(self, kind: str, config: Mapping[str, Any], compute: Callable[[Path], dict[str, Any]],
-            inputs: Iterable[str | os.PathLike] = ()) -> CachedResult:
+            inputs: Iterable[str | os.PathLike] = (), listings: Iterable[str | os.PathLike] = ()) -> CachedResult:
         """Return the stored result, or call `compute(out_dir)` (it may write files there) and store its value."""
-        inputs = list(inputs)
-        key = self.key(kind, config, inputs)
+        key = self.key(kind, config, inputs, listings)
         entry = self.root / kind / key
         if self.enabled and (entry / "result.json").exists():
             return self._load(entry, key)
@@ -131,20 +134,21 @@ class ResultCache:
         with file_lock(entry.parent / f".{key}.lock"):
             if self.enabled and (entry / "result.json").exists():  # another process computed it meanwhile
                 return self._load(entry, key)
-            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}.", dir=entry.parent))
-            try:
-                t0 = time.perf_counter()
-                value = compute(tmp)
-                seconds = time.perf_counter() - t0
-                value = _relocate(value, tmp, entry)
-                atomic_write_json(tmp / "result.json", {"kind": kind, "key": key, "seconds": round(seconds, 2),
-                                                        "config": _canonical(config), "value": value})
-                if entry.exists():
-                    shutil.rmtree(entry)
-                tmp.rename(entry)
-            finally:
-                if tmp.exists():
-                    shutil.rmtree(tmp, ignore_errors=True)
+            # The work folder is kept when `compute` fails or is killed, so a rerun with the same key finds what it
+            # wrote (a training run resumes from its last checkpoint); it becomes the entry once `compute` returns.
+            work = entry.parent / f".pending-{key}"
+            if not self.enabled and work.exists():
+                shutil.rmtree(work)
+            work.mkdir(exist_ok=True)
+            t0 = time.perf_counter()
+            value = compute(work)
+            seconds = time.perf_counter() - t0
+            value = _relocate(value, work, entry)
+            atomic_write_json(work / "result.json", {"kind": kind, "key": key, "seconds": round(seconds, 2),
+                                                     "config": _canonical(config), "value": value})
+            if entry.exists():
+                shutil.rmtree(entry)
+            work.rename(entry)
         return CachedResult(value=value, dir=entry, key=key, reused=False, seconds=seconds)
 
     @staticmethod
