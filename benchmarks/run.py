@@ -142,7 +142,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
     from captionlab.utils import atomic_path
 
-    sections = [s for s in ("decode", "train", "eval", "attention") if any(r["section"] == s for r in rows)]
+    sections = [s for s in ("decode", "train", "eval", "attention", "llava_decode") if any(r["section"] == s for r in rows)]
     fig, axes = plt.subplots(len(sections), 1, figsize=(10, 3.2 * len(sections)), squeeze=False)
     for ax, sec in zip(axes[:, 0], sections):
         rs = [r for r in rows if r["section"] == sec]
