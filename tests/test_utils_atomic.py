@@ -27,10 +27,14 @@ def test_new_files_get_0666_minus_umask(tmp_path):
         os.umask(old)
 
 
-def test_overwrite_keeps_the_existing_mode(tmp_path):
+def test_overwrite_repairs_a_0600_file_from_an_old_run(tmp_path):
     path = tmp_path / "index.html"
     path.write_text("old")
-    os.chmod(path, 0o664)
-    atomic_write_text(path, "new")
-    assert path.read_text() == "new" and _mode(path) == 0o664
+    os.chmod(path, 0o600)
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(path, "new")
+    finally:
+        os.umask(old)
+    assert path.read_text() == "new" and _mode(path) == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["index.html"]

@@ -32,12 +32,9 @@ def _current_umask() -> int:
     return mask
 
 
-def _target_mode(path: Path) -> int:
-    """Mode for a file written to `path`: the existing file's, else 0666 minus the umask (0644 by default)."""
-    try:
-        return path.stat().st_mode & 0o7777
-    except FileNotFoundError:
-        return 0o666 & ~_current_umask()
+def _new_file_mode() -> int:
+    """Mode of a file created by an ordinary open(): 0666 minus the umask (0644 by default)."""
+    return 0o666 & ~_current_umask()
 
 
 @contextlib.contextmanager
@@ -50,8 +47,8 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        if tmp_path.exists():  # mkstemp makes 0600: give the file the mode an ordinary open() would
-            os.chmod(tmp_path, _target_mode(path))
+        if tmp_path.exists():  # mkstemp makes 0600 (files from old runs too): use what open() gives
+            os.chmod(tmp_path, _new_file_mode())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
