@@ -1,0 +1,180 @@
+"""Teacher-forced explanations on tiny random models: raw maps equal generation-time captures, relevancy equals
+an independent autograd computation (hand-written forward + .backward / a separately loaded eager LLaVA)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from captionlab.attention import capture_captioner_layers, capture_llava_layers
+from captionlab.attention.capture import capture_captioner, llava_decoder_layers
+from captionlab.attention.explain import caption_logprobs, explain, explain_all
+from captionlab.errors import ConfigError
+from test_attention_capture import _captioner, _images, _tiny_captioner_dirs  # noqa: E402 (tests dir on sys.path)
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    return _tiny_captioner_dirs(tmp_path_factory.mktemp("captioner"))
+
+
+@pytest.fixture(scope="module")
+def tiny_llava_dir(tmp_path_factory):
+    from captionlab.models.llava_train import save_random_llava
+
+    return save_random_llava(tmp_path_factory.mktemp("llava"), seed=0, image_size=64, patch_size=8)
+
+
+@pytest.fixture(scope="module")
+def tiny_llava(tiny_llava_dir):
+    from captionlab.models.llava import load_llava
+
+    return load_llava(tiny_llava_dir, device="cpu")
+
+
+# ------------------------------------------------------------------------ teacher forcing == generation
+
+
+@pytest.mark.parametrize("peft", ["lora", "prefix"])
+def test_captioner_teacher_forced_maps_equal_generation_time(tiny_dirs, peft):
+    model = _captioner(tiny_dirs, peft)
+    imgs = _images(2, seed=3)
+    gen = capture_captioner_layers(model, imgs, layers="all", max_new_tokens=5, progress=False, unit="tokens")
+    for b, img in enumerate(imgs):
+        ids = gen[0][b].token_ids
+        assert len(ids) == 5
+        per = explain_all(model, img, ids, methods=["raw"], unit="tokens")
+        for j in (0, 1):
+            np.testing.assert_allclose(per["raw", j].head_maps, gen[j][b].head_maps, atol=2e-5)
+            np.testing.assert_allclose(per["raw", j].maps, gen[j][b].maps, atol=2e-5)
+    # rollout over the teacher-forced trace equals the generation-time module's rollout
+    roll = capture_captioner(model, imgs[:1], rollout=True, unit="tokens", max_new_tokens=5, progress=False)[0]
+    mine = explain(model, imgs[0], roll.token_ids, method="rollout", layer=-1, unit="tokens")
+    np.testing.assert_allclose(mine.maps, roll.maps, atol=2e-5)
+    assert mine.method == "rollout" and mine.layer == 1
+
+
+def test_llava_teacher_forced_maps_equal_generation_time(tiny_llava):
+    cfg = tiny_llava.model.config
+    before = (cfg._attn_implementation, cfg.text_config._attn_implementation, cfg.vision_config._attn_implementation)
+    img = _images(1, seed=4)
+    gen = capture_llava_layers(tiny_llava, img, "Describe the image.", layers="all", max_new_tokens=5,
+                               unit="tokens", progress=False)
+    ids = gen[0][0].token_ids
+    per = explain_all(tiny_llava, img[0], ids, methods=["raw"], prompt="Describe the image.", unit="tokens")
+    for j in (0, 1):
+        np.testing.assert_allclose(per["raw", j].head_maps, gen[j][0].head_maps, atol=2e-5)
+    # the eager switch is undone: every config back to sdpa
+    assert (cfg._attn_implementation, cfg.text_config._attn_implementation,
+            cfg.vision_config._attn_implementation) == before == ("sdpa",) * 3
+    assert all(lay.self_attn.config is cfg.text_config for lay in llava_decoder_layers(tiny_llava.model))
+
+
+# --------------------------------------------------------------------- relevancy == independent autograd
+
+
+def _chefer(atts: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Relevancy after each layer: R = I; R += mean_h((grad * A)^+) @ R (square (T, T) matrices)."""
+    T = atts[0].shape[-1]
+    R, out = torch.eye(T), []
+    for a, g in zip(atts, grads):
+        R = R + (g * a).clamp(min=0).mean(0) @ R
+        out.append(R.clone())
+    return out
+
+
+def _reference_captioner(model, image, ids):
+    """Hand-written forward of the captioner's GPT (prefix conditioning, LoRA) with retain_grad on every
+    attention matrix; per token, the logit's gradients by .backward(): [(atts, grads)] and the visual length."""
+    from captionlab.models.decoder import GPT
+
+    gpt = next(m for m in model.decoder.modules() if isinstance(m, GPT))
+    vis = model.visual_embeds(pixel_values=model.encoder.preprocess([image])).detach()
+    toks = torch.tensor([[model.tokenizer.bos_token_id] + list(ids)])
+    out = []
+    for t in range(len(ids)):
+        x = torch.cat([vis, gpt.transformer.wte(toks)], dim=1)
+        B, T, C = x.shape
+        x = x + gpt.transformer.wpe(torch.arange(T))[None]
+        atts = []
+        for block in gpt.transformer.h:
+            h = block.ln_1(x)
+            H = block.attn.n_head
+            q, k, v = (z.view(B, T, H, C // H).transpose(1, 2) for z in block.attn.c_attn(h).split(C, dim=2))
+            s = q @ k.transpose(-1, -2) / math.sqrt(C // H)
+            s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+            a = s.softmax(-1)
+            a.retain_grad()
+            atts.append(a)
+            x = x + block.attn.c_proj((a @ v).transpose(1, 2).reshape(B, T, C))
+            x = x + block.mlp(block.ln_2(x))
+        logits = gpt.lm_head(gpt.transformer.ln_f(x))
+        logits[0, vis.shape[1] + t, ids[t]].backward()
+        out.append(([a.detach()[0] for a in atts], [a.grad[0] for a in atts]))
+        gpt.zero_grad(set_to_none=True)
+    return out, vis.shape[1]
+
+
+def test_captioner_relevancy_equals_independent_autograd(tiny_dirs):
+    model = _captioner(tiny_dirs, "lora")
+    img = _images(1, seed=5)[0]
+    ids = model.tokenizer("a red circle on the left", add_special_tokens=False)["input_ids"]
+    per = explain_all(model, img, ids, methods=["grad", "relevancy"], unit="tokens")
+    ref, V = _reference_captioner(model, img, ids)
+    s, e = model.image_key_span()
+    for t in range(len(ids)):
+        atts, grads = ref[t]
+        rel = _chefer(atts, grads)
+        for j in (0, 1):
+            want_rel = rel[j][V + t, s:e].reshape(8, 8).numpy()
+            np.testing.assert_allclose(per["relevancy", j].maps[t], want_rel, atol=1e-6, rtol=1e-4)
+            want_grad = (grads[j] * atts[j]).clamp(min=0).mean(0)[V + t, s:e].reshape(8, 8).numpy()
+            np.testing.assert_allclose(per["grad", j].maps[t], want_grad, atol=1e-6, rtol=1e-4)
+    assert per["relevancy", 1].maps.max() > 0  # not trivially zero
+    # words average their tokens; a string caption gives the same maps as its ids
+    words = explain(model, img, "a red circle on the left", method="relevancy", layer=1)
+    assert words.tokens == ["a", "red", "circle", "on", "the", "left"]
+    for w, g in zip(words.maps, words.word_groups):
+        np.testing.assert_allclose(w, per["relevancy", 1].maps[g].mean(0), atol=1e-7)
+
+
+def test_llava_relevancy_equals_eager_model_backward(tiny_llava_dir, tiny_llava):
+    from captionlab.models.llava import load_llava
+
+    img = _images(1, seed=6)[0]
+    prompt = "Describe the image."
+    ids = tiny_llava.processor.tokenizer("red circle", add_special_tokens=False)["input_ids"]
+    rel = explain_all(tiny_llava, img, ids, methods=["relevancy"], prompt=prompt, unit="tokens")
+    ref = load_llava(tiny_llava_dir, device="cpu", attn_implementation="eager")
+    inputs = ref.prepare_inputs([img], prompt)
+    L = inputs["input_ids"].shape[1]
+    full = torch.cat([inputs["input_ids"], torch.tensor([ids])], dim=1)
+    pos = (full[0] == ref.image_token_id).nonzero().flatten()
+    for t in range(len(ids)):
+        out = ref.model(input_ids=full, attention_mask=torch.ones_like(full), pixel_values=inputs["pixel_values"],
+                        output_attentions=True, use_cache=False)
+        for a in out.attentions:
+            a.retain_grad()
+        out.logits[0, L - 1 + t, ids[t]].backward()
+        R = _chefer([a.detach()[0] for a in out.attentions], [a.grad[0] for a in out.attentions])
+        for j in range(len(R)):
+            np.testing.assert_allclose(rel["relevancy", j].maps[t], R[j][L - 1 + t, pos].reshape(8, 8).numpy(),
+                                       atol=1e-6, rtol=1e-4)
+        ref.model.zero_grad(set_to_none=True)
+
+
+def test_logprobs_and_errors(tiny_dirs):
+    model = _captioner(tiny_dirs, "lora")
+    imgs = _images(3, seed=7)
+    ids = model.tokenizer("a blue star", add_special_tokens=False)["input_ids"]
+    lp = caption_logprobs(model, imgs, ids, batch_size=2)
+    assert lp.shape == (3, len(ids)) and (lp < 0).all()
+    one = caption_logprobs(model, imgs[1:2], ids)
+    np.testing.assert_allclose(lp[1], one[0], atol=1e-5)  # batching does not change a row
+    with pytest.raises(ConfigError, match="unknown method"):
+        explain(model, imgs[0], ids, method="saliency")
+    with pytest.raises(ConfigError, match="one layer index"):
+        explain(model, imgs[0], ids, method="relevancy", layer="all")
