@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export MPLBACKEND ?= Agg
 PARAMS ?= params/demo.yaml
 
-.PHONY: venv java chromium test demo bench bench-real-shapes world report clean help
+.PHONY: venv git-filters java chromium test demo bench bench-real-shapes world report clean help
 
 help:
 	@echo "make demo   - set up .venv, build the demo world, run every notebook, render reports/"
@@ -28,7 +28,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e '.[dev]'
 	@touch $@
 
-venv: $(VENV)/.installed java
+venv: $(VENV)/.installed java git-filters
+
+# Notebook outputs never reach git: .gitattributes routes *.ipynb through this clean filter (nbstripout), which
+# drops outputs, execution counts, cell ids, papermill's injected cell and the run metadata Jupyter/papermill add.
+NB_STRIP_KEYS := metadata.language_info metadata.papermill metadata.vscode cell.metadata.papermill \
+                 cell.metadata.jp-MarkdownHeadingCollapsed
+NB_CLEAN = "$(abspath $(PY))" -m nbstripout --extra-keys "$(strip $(NB_STRIP_KEYS))" --drop-tagged-cells injected-parameters
+git-filters:
+	@if git rev-parse --git-dir >/dev/null 2>&1; then \
+	  git config filter.nbstripout.clean '$(NB_CLEAN)' && git config filter.nbstripout.smudge cat && \
+	  git config filter.nbstripout.required true && git config diff.ipynb.textconv '$(NB_CLEAN) -t'; fi
 
 # Java runs the PTB tokenizer (CIDEr exactly as the course grades it) and METEOR.
 java:
