@@ -178,3 +178,53 @@ def test_logprobs_and_errors(tiny_dirs):
         explain(model, imgs[0], ids, method="saliency")
     with pytest.raises(ConfigError, match="one layer index"):
         explain(model, imgs[0], ids, method="relevancy", layer="all")
+
+
+# ------------------------------------------------------------------------------------------ faithfulness
+
+
+def test_pointing_tolerance_and_patch_deletion():
+    from PIL import Image
+
+    from captionlab.attention.faithfulness import delete_patches, score_map
+
+    mask = np.zeros((64, 64), bool)
+    mask[8:16, 8:16] = True
+    m = np.zeros((8, 8), np.float32)
+    m[2, 2] = 1.0  # patch (2, 2) = pixels 16..23, just outside the mask
+    s = score_map(m, mask, tolerance=0.0625)
+    assert s["pointing_pixel"] == 0.0 and s["pointing_tol"] == 1.0
+    assert s["random_point"] == pytest.approx(64 / 4096) and s["random_tol"] > s["random_point"]
+    assert score_map(m, mask, tolerance=0.0)["pointing_tol"] == 0.0
+    img = Image.fromarray(np.arange(64 * 64 * 3, dtype=np.uint8).reshape(64, 64, 3))
+    out = np.asarray(delete_patches(img, np.array([0, 9]), (8, 8))).astype(int)
+    a = np.asarray(img).astype(int)
+    mean = a.reshape(-1, 3).mean(0).round()
+    assert (out[:8, :8] == mean).all() and (out[8:16, 8:16] == mean).all()
+    assert (out[:8, 8:16] == a[:8, 8:16]).all() and (out[16:] == a[16:]).all()
+
+
+def test_method_report_tables(tiny_dirs):
+    from captionlab.attention.faithfulness import best_row, method_report
+
+    model = _captioner(tiny_dirs, "lora")
+    imgs = _images(2, seed=8)
+    caps = ["a red circle on the left", "a blue star on the top"]
+    objects = [[{"id": 1, "colour": "red", "shape": "circle"}, {"id": 2, "colour": "green", "shape": "square"}],
+               [{"id": 1, "colour": "blue", "shape": "star"}]]
+    masks = [np.zeros((64, 64), np.uint8) for _ in imgs]
+    masks[0][0:16, 0:16], masks[0][40:60, 40:60], masks[1][20:40, 20:40] = 1, 2, 1
+    summary, words = method_report(model, imgs, objects, masks, captions=caps, progress=False)
+    assert set(zip(summary["method"], summary["layer"])) == {(m, j) for m in ("raw", "rollout", "grad", "relevancy")
+                                                            for j in (0, 1)}
+    assert (summary["n_scored"] == 4).all()  # red, circle, blue, star name exactly one object each
+    scored = words[words["status"] == "scored"]
+    assert scored[["deletion_drop", "deletion_random"]].notna().all().all()
+    assert set(scored["word"]) == {"red", "circle", "blue", "star"}
+    # deletion_random is shared by every method for a word; the drop by the map differs between methods
+    per_word = scored.groupby(["image", "word"])["deletion_random"].nunique()
+    assert (per_word == 1).all()
+    assert scored["deletion_drop"].nunique() > 1
+    best = best_row(summary, "pointing_pixel")
+    assert best["pointing_pixel"] == summary["pointing_pixel"].max()
+    assert {"deletion_gain", "pointing_tol", "random_tol"} <= set(summary.columns)

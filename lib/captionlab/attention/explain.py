@@ -351,3 +351,33 @@ def _finish(res: Explanation, unit: str) -> Explanation:
     if unit not in ("words", "tokens"):
         raise ConfigError(f"unit must be 'words' or 'tokens', got {unit!r}")
     return res.as_words() if unit == "words" else res.as_tokens()  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def generate_ids(model: Any, images: Sequence[Any], prompt: str | None = None, max_new_tokens: int | None = None,
+                 batch_size: int = 16, system: str | None = None) -> list[list[int]]:
+    """Greedy caption token ids (eos / padding stripped) of the captioner or LLaVA for each image."""
+    pil = [center_crop_square(_pil(im)) for im in images]
+    out: list[list[int]] = []
+    with _eval(model):
+        for i in range(0, len(pil), batch_size):
+            chunk = pil[i:i + batch_size]
+            if is_llava(model):
+                from captionlab.models.llava import DEFAULT_PROMPT
+
+                gen = model.generation_config({"max_new_tokens": max_new_tokens or 40})
+                inputs = model.prepare_inputs(chunk, prompt or DEFAULT_PROMPT, system)
+                seqs = model.model.generate(**inputs, generation_config=gen)[:, inputs["input_ids"].shape[1]:]
+                stops = {gen.pad_token_id, *([gen.eos_token_id] if isinstance(gen.eos_token_id, int)
+                                              else (gen.eos_token_id or []))}
+            else:
+                from captionlab.decode import greedy_search
+
+                vis = model.visual_embeds(pixel_values=model.encoder.preprocess(chunk))
+                seqs = greedy_search(model.lm_decoder(vis), max_new_tokens=max_new_tokens or
+                                     model.config.max_caption_tokens + 1, eos_token_id=model.tokenizer.eos_token_id)
+                stops = {model.tokenizer.eos_token_id}
+            for s in (seqs.tolist() if isinstance(seqs, Tensor) else seqs):
+                s = [int(t) for t in s]
+                out.append(s[:next((k for k, t in enumerate(s) if t in stops), len(s))])
+    return out
