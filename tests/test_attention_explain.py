@@ -228,3 +228,47 @@ def test_method_report_tables(tiny_dirs):
     best = best_row(summary, "pointing_pixel")
     assert best["pointing_pixel"] == summary["pointing_pixel"].max()
     assert {"deletion_gain", "pointing_tol", "random_tol"} <= set(summary.columns)
+
+
+# ------------------------------------------------------------------------------------- browsing
+
+
+def test_browser_changes_image_under_agg_with_every_layer_and_method(tiny_dirs):
+    import matplotlib
+
+    from captionlab.attention.widgets import ExplanationCache, attention_browser
+
+    assert matplotlib.get_backend().lower() == "agg"
+    model = _captioner(tiny_dirs, "lora")
+    cache = ExplanationCache(model, _images(1, seed=9)[0], "a red circle on the left")
+    box = attention_browser(cache, start_layer=0)
+    (method_dd, layer_dd, head_dd), word, label, image = box.children[0].children, *box.children[1:]
+    assert list(layer_dd.options) == [0, 1] and layer_dd.value == 0
+    assert list(method_dd.options) == ["raw", "rollout", "grad", "relevancy"]
+    assert attention_browser(cache).children[0].children[1].value == 1  # default start: the last layer (-1)
+    assert image.format == "png" and image.value[:8] == b"\x89PNG\r\n\x1a\n"
+    seen = [image.value]
+    word.value = 2
+    assert "circle" in label.value and image.value != seen[-1]
+    seen.append(image.value)
+    method_dd.value = "relevancy"
+    assert head_dd.disabled and image.value not in seen
+    seen.append(image.value)
+    layer_dd.value = 1
+    assert image.value not in seen
+    bundle = box._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle and "captionlab-slider" in bundle["text/html"]
+
+
+def test_word_slider_is_self_contained(tiny_dirs):
+    import re
+
+    from captionlab.attention.explain import explain
+    from captionlab.attention.widgets import word_slider
+
+    model = _captioner(tiny_dirs, "lora")
+    res = explain(model, _images(1, seed=9)[0], "a red circle", method="relevancy", layer=1)
+    page = word_slider(res).html
+    assert page.count("iVBORw0KGgo") == len(res.tokens) == 3  # one base64 PNG per word
+    assert not re.search(r"(src|href)=[\"']?(https?:|//)", page) and "<script src" not in page
+    assert "relevancy, layer 1" in page
