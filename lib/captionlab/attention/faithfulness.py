@@ -267,3 +267,16 @@ def best_row(summary: "pd.DataFrame", metric: str = "pointing_pixel") -> "pd.Ser
     if summary.empty or metric not in summary.columns:
         raise DataError(f"best_row: no {metric!r} values in the summary")
     return summary.loc[summary[metric].astype(float).idxmax()]
+
+
+def faithfulness_note(best: dict[str, Any]) -> str:
+    """One sentence per model: its best method / layer and that row's pointing figures against the baselines."""
+    parts = []
+    for name, row in best.items():
+        parts.append(f"{name}: best {row['method']} at layer {int(row['layer'])}, pointing {row['pointing_pixel']:.2f} "
+                     f"(with tolerance {row['pointing_tol']:.2f}) vs random point {row['random_point']:.2f} "
+                     f"({row['random_tol']:.2f}); mass share {row['mass_share']:.2f}"
+                     + (f"; deletion drop {row['deletion_drop']:.2f} vs random {row['deletion_random']:.2f}"
+                        if "deletion_drop" in row and row["deletion_drop"] == row["deletion_drop"] else "")
+                     + f" (n={int(row['n_scored'])} words)")
+    return "; ".join(parts) + "." if parts else "no object masks in this world: faithfulness not measured."
