@@ -272,3 +272,48 @@ def test_word_slider_is_self_contained(tiny_dirs):
     assert page.count("iVBORw0KGgo") == len(res.tokens) == 3  # one base64 PNG per word
     assert not re.search(r"(src|href)=[\"']?(https?:|//)", page) and "<script src" not in page
     assert "relevancy, layer 1" in page
+
+
+def test_cli_faithfulness_methods(tiny_dirs, tmp_path):
+    import argparse
+    import json
+
+    import pandas as pd
+    from PIL import Image
+
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    from captionlab.attention import commands
+
+    gpt = GPT2LMHeadModel.from_pretrained(tiny_dirs[1])
+    tok = AutoTokenizer.from_pretrained(tiny_dirs[1])
+    with torch.no_grad():
+        gpt.transformer.wte.weight[tok.eos_token_id] = 0.0  # a random decoder that does not stop at once
+    gpt.save_pretrained(tmp_path / "gpt2")
+    tok.save_pretrained(tmp_path / "gpt2")
+    model = _captioner((tiny_dirs[0], tmp_path / "gpt2"), "lora")
+    ckpt = model.save_trainable(tmp_path / "ckpt")
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "masks").mkdir()
+    objs = {}
+    for i, im in enumerate(_images(2, seed=10)):
+        im.save(tmp_path / "imgs" / f"pic{i}.png")
+        m = np.zeros((64, 64), np.uint8)
+        m[10:30, 10:30] = 1
+        Image.fromarray(m).save(tmp_path / "masks" / f"pic{i}.png")
+        objs[f"pic{i}"] = [{"id": 1, "colour": "red", "shape": "circle", "size": "big", "bbox": [10, 10, 30, 30]}]
+    (tmp_path / "objects.json").write_text(json.dumps(objs))
+    (tmp_path / "preds.json").write_text(json.dumps({"pic0": "a red circle", "pic1": "a big red circle"}))
+    parser = argparse.ArgumentParser()
+    commands.register(parser.add_subparsers())
+    out = tmp_path / "faith.csv"
+    args = parser.parse_args(["attention", "faithfulness", "--model", str(ckpt), "--images", str(tmp_path / "imgs"),
+                              "--masks", str(tmp_path / "masks"), "--objects", str(tmp_path / "objects.json"),
+                              "--methods", "raw,relevancy", "--layers", "1", "--out", str(out),
+                              "--captions", str(tmp_path / "preds.json")])
+    assert args.func(args) == 0
+    table = pd.read_csv(out)
+    assert sorted(table["method"]) == ["raw", "relevancy"] and set(table["layer"]) == {1}
+    words = pd.read_csv(tmp_path / "faith_words.csv")
+    assert set(words["method"]) == {"raw", "relevancy"}
+    assert sorted(words["word"]) == ["circle"] * 4 + ["red"] * 4 and (table["n_scored"] == 4).all()
