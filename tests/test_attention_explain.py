@@ -317,3 +317,17 @@ def test_cli_faithfulness_methods(tiny_dirs, tmp_path):
     words = pd.read_csv(tmp_path / "faith_words.csv")
     assert set(words["method"]) == {"raw", "relevancy"}
     assert sorted(words["word"]) == ["circle"] * 4 + ["red"] * 4 and (table["n_scored"] == 4).all()
+
+
+def test_attention_shares_split_cls_patches_text(tiny_dirs):
+    from captionlab.attention.explain import attention_shares, explain_all
+
+    model = _captioner(tiny_dirs, "lora")
+    img = _images(1, seed=11)[0]
+    shares = attention_shares(model, img, "a red circle")
+    assert [r["layer"] for r in shares] == [0, 1]
+    raw = explain_all(model, img, "a red circle", methods=["raw"], unit="tokens")
+    for r in shares:
+        assert r["cls"] + r["patches"] + r["other"] == pytest.approx(1.0, abs=1e-5)
+        assert r["cls"] > 0  # use_cls: the CLS token sits in front of the patches
+        assert r["patches"] == pytest.approx(float(raw["raw", r["layer"]].maps.sum((1, 2)).mean()), abs=1e-5)

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _check_sliders(html_path: Path, min_sliders: int = 1) -> int:
+def check_sliders(html_path: Path, min_sliders: int = 1) -> int:
     """Open the page offline (any non-file request is refused and recorded); move every slider one step."""
     blocked: list[str] = []
     with sync_api.sync_playwright() as p:
@@ -82,7 +82,7 @@ def test_slider_in_rendered_notebook_works_offline(tmp_path):
     html = render.render_html(tmp_path / "nb.ipynb", tmp_path / "nb.html")
     text = html.read_text()
     assert "widget-view+json" not in text and "unpkg" not in text and "jsdelivr" not in text
-    assert _check_sliders(html, min_sliders=2) == 2
+    assert check_sliders(html, min_sliders=2) == 2
 
 
 def _rendered_04() -> Path | None:
@@ -95,4 +95,4 @@ def _rendered_04() -> Path | None:
 
 @pytest.mark.skipif(_rendered_04() is None, reason="no rendered 04 report (make report, or set CAPTIONLAB_04_HTML)")
 def test_rendered_04_report_sliders_work_offline():
-    assert _check_sliders(_rendered_04(), min_sliders=7) >= 7  # five p3 series + the top-1 / last-1 pairs
+    assert check_sliders(_rendered_04(), min_sliders=7) >= 7  # five p3 series + the top-1 / last-1 pairs

@@ -381,3 +381,19 @@ def generate_ids(model: Any, images: Sequence[Any], prompt: str | None = None, m
                 s = [int(t) for t in s]
                 out.append(s[:next((k for k, t in enumerate(s) if t in stops), len(s))])
     return out
+
+
+def attention_shares(model: Any, image: Any, caption: str | Sequence[int], prompt: str | None = None) -> list[dict[str, Any]]:
+    """Per layer, where the caption rows' raw attention goes (heads and rows averaged): the visual prefix tokens
+    before the patches (CLS), the image patches, everything else (text, prefix-tuning keys). Evidence for a
+    model that reads the image through CLS alone."""
+    tr = trace(model, image, caption, prompt)
+    n_cls = 0 if is_llava(model) else int(model.n_cls)
+    s, e = tr.span
+    rows = tr.rows.to(tr.atts[0].device)
+    out = []
+    for j, a in enumerate(tr.atts):
+        att = a.detach()[0][:, rows].float().mean((0, 1))  # (K,)
+        cls, patches = float(att[s - n_cls:s].sum()), float(att[s:e].sum())
+        out.append({"layer": j, "cls": cls, "patches": patches, "other": float(att.sum()) - cls - patches})
+    return out
