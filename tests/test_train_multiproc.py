@@ -23,7 +23,7 @@ def test_two_processes_match_one(tiny_captioner_models, demo_world: Path, tmp_pa
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     accelerate = Path(sys.executable).parent / "accelerate"
     cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "captionlab.train",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "captionlab.cli.train",
            "--params", str(params), "--out-dir", str(tmp_path / "two")]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
