@@ -17,19 +17,24 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments shared by `captionlab train` and `python -m captionlab.cli.train`."""
-    parser.add_argument("--params", default=None, help="params YAML (captioner:, train:, data_root)")
+    parser.add_argument("--params", default=None, help="params YAML (default params/demo.yaml)")
     parser.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
-                        help="override, dotted keys (e.g. train.lr=3e-4, captioner.lora_rank=4)")
+                        help="override a setting by its params name (rank=8, lr=3e-4); fields without one "
+                             "as train.<field> / captioner.<field> (train.max_steps=10)")
     parser.add_argument("--out-dir", default=None, help="output directory (train.out_dir)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out-dir")
 
 
 def run_train(args: argparse.Namespace) -> int:
     """Train from a params file plus overrides; the main process prints the best and last epoch as JSON."""
+    from captionlab.params import prepare_world
     from captionlab.train import configs_from_params, load_train_params, train
 
-    params = load_train_params(args.params, args.param)
-    cap, tr, root = configs_from_params(params)
+    cfg = load_train_params(args.params, args.param)
+    cap, tr, root = configs_from_params(cfg)
+    if cfg.world == "demo" and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        built = prepare_world(cfg, ["clip", "gpt2"])  # the explicit build step (cached after the first run)
+        print(f"demo world: {built['world']} (prepared: data + clip, gpt2)", file=sys.stderr)
     if args.out_dir:
         tr.out_dir = args.out_dir
     if args.resume:

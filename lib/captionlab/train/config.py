@@ -1,4 +1,4 @@
-"""Training settings: `TrainConfig`, and the mapping from a params file to (CaptionerConfig, TrainConfig, data_root)."""
+"""Training settings: `TrainConfig`, and the one mapping from the run configuration to CaptionerConfig/TrainConfig."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 
 from captionlab.errors import ConfigError
 from captionlab.models.captioner import CaptionerConfig
+from captionlab.params import RunConfig
 from captionlab.utils import dataclass_from_dict
 
 
@@ -44,38 +45,61 @@ class TrainConfig:
         return dataclass_from_dict(cls, d, "train")
 
 
-# flat params-file keys (params/demo.yaml style) that name a config field differently
-PARAM_ALIASES = {"rank": "lora_rank", "beam_size": "eval_beam_size"}
+# RunConfig field -> CaptionerConfig / TrainConfig field (the run configuration's names are the public ones).
+CAPTIONER_KEYS = {"encoder": "encoder", "decoder": "decoder", "peft": "peft", "conditioning": "conditioning",
+                  "cross_every": "cross_every", "cross_dim": "cross_dim", "rank": "lora_rank",
+                  "lora_alpha": "lora_alpha", "trainable_budget": "trainable_budget"}
+TRAIN_KEYS = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "seed": "seed",
+              "beam_size": "eval_beam_size"}
+# Quick mode (a smoke test of a notebook): one epoch on a few images.
+QUICK_TRAIN = {"epochs": 1, "train_images": 256, "eval_images": 32}
 
 
-def configs_from_params(params: dict[str, Any]) -> tuple[CaptionerConfig, TrainConfig, Path]:
-    """(CaptionerConfig, TrainConfig, data_root) from a params mapping.
+def _section(cfg: RunConfig, section: str, cls: type, flat: dict[str, str]) -> dict[str, Any]:
+    extra = dict(getattr(cfg, section))
+    known = {f.name for f in fields(cls)}
+    for key in extra:
+        if key in flat.values():
+            name = next(k for k, v in flat.items() if v == key)
+            raise ConfigError(f"{cfg.params_file}: {section}.{key}: set it as `{name}` (one name per setting)")
+        if key not in known:
+            raise ConfigError(f"{cfg.params_file}: {section}.{key}: unknown {cls.__name__} field; "
+                              f"known: {', '.join(sorted(known - set(flat.values())))}")
+    return extra
 
-    Top-level keys named like a config field (or in PARAM_ALIASES, e.g. `rank`) are used; `captioner:` and
-    `train:` sections override them (and reject unknown keys). `data_root` defaults to the demo world.
-    """
-    from captionlab.demo import MODEL_BUILDERS, ensure_model, ensure_world, world_root
 
-    flat = {PARAM_ALIASES.get(k, k): v for k, v in params.items() if not isinstance(v, dict)}
-    cap_fields, tr_fields = {f.name for f in fields(CaptionerConfig)}, {f.name for f in fields(TrainConfig)}
-    cap = {**{k: v for k, v in flat.items() if k in cap_fields}, **dict(params.get("captioner") or {})}
-    tr = {**{k: v for k, v in flat.items() if k in tr_fields}, **dict(params.get("train") or {})}
-    seed = int(params.get("seed", 0)) if params.get("world_seed") is None else int(params["world_seed"])
-    data_root = Path(params["data_root"]) if params.get("data_root") else ensure_world(seed)
-    for key in ("encoder", "decoder"):  # build a missing demo checkpoint the specs point at
-        if key not in cap:
-            raise ConfigError(f"params: `{key}` (a model spec) is required")
-        spec = str(cap[key])
-        path = Path(spec.split(":", 1)[1] if spec.startswith(("hfclip:", "hf:")) else spec)
-        for name in MODEL_BUILDERS:
-            target = world_root(seed) / "models" / name
-            if not path.exists() and (path == target or target in path.parents):
-                ensure_model(name, seed)
-    return CaptionerConfig.from_dict(cap), TrainConfig.from_dict(tr), data_root
+def captioner_config(cfg: RunConfig, **changes: Any) -> CaptionerConfig:
+    """The CaptionerConfig of a run (flat keys such as `rank`, then `captioner:` extras, then `changes`)."""
+    values = {field: getattr(cfg, key) for key, field in CAPTIONER_KEYS.items()}
+    return CaptionerConfig.from_dict({**values, **_section(cfg, "captioner", CaptionerConfig, CAPTIONER_KEYS),
+                                      **changes})
+
+
+def train_config(cfg: RunConfig, out_dir: str | Path | None = None, **changes: Any) -> TrainConfig:
+    """The TrainConfig of a run (quick mode: one epoch on 256 images, validation on 32)."""
+    values = {field: getattr(cfg, key) for key, field in TRAIN_KEYS.items()}
+    values.update(QUICK_TRAIN if cfg.quick else {})
+    values.update(_section(cfg, "train", TrainConfig, TRAIN_KEYS))
+    if out_dir is not None:
+        values["out_dir"] = str(out_dir)
+    return TrainConfig.from_dict({**values, **changes})
+
+
+def configs_from_params(cfg: RunConfig) -> tuple[CaptionerConfig, TrainConfig, Path]:
+    """(CaptionerConfig, TrainConfig, data_root) of a run configuration; builds nothing."""
+    return captioner_config(cfg), train_config(cfg), Path(cfg.data_root)
+
+
+def train_setting(cfg: RunConfig, out_dir: str | Path, **changes: Any) -> tuple[dict[str, Any], Path]:
+    """Train one setting of a run (`changes`: CaptionerConfig fields, e.g. peft="adapter"); (history, best dir)."""
+    from captionlab.train.loop import train
+
+    history = train(captioner_config(cfg, **changes), train_config(cfg, out_dir), cfg.data_root)
+    return history, Path(history["best"]["dir"]) if history["best"] else Path(out_dir) / "best"
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """`a.b=value` strings -> nested dict (values parsed as YAML scalars)."""
+    """`key=value` / `section.key=value` strings -> a (nested) dict, values parsed as YAML scalars."""
     import yaml
 
     out: dict[str, Any] = {}
@@ -91,16 +115,12 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """Recursive dict merge (extra wins)."""
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+def load_train_params(path: str | None, overrides: list[str]) -> RunConfig:
+    """The run configuration of `captionlab train`: a params file (default params/demo.yaml) + `-p` overrides."""
+    from captionlab.params import load_config, read_params_file
 
-
-def load_train_params(path: str | None, overrides: list[str]) -> dict[str, Any]:
-    """Params file + dotted overrides, placeholders resolved."""
-    from captionlab.params import load_params, resolve
-
-    return resolve(merge(load_params(path) if path else {}, parse_overrides(overrides)))
+    extra = parse_overrides(overrides)
+    for section in ("captioner", "train"):  # sections merge with the file's instead of replacing them
+        if isinstance(extra.get(section), dict):
+            extra[section] = {**(read_params_file(path or "params/demo.yaml").get(section) or {}), **extra[section]}
+    return load_config(path, extra)
