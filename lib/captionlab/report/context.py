@@ -20,10 +20,40 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Iterable, MutableMapping
 
-from captionlab.errors import ConfigError
+from captionlab.errors import ConfigError, MissingInputError
 from captionlab.params import DEFAULT_PARAMS, FIELDS, RunConfig, load_config, prepare_world, repo_path  # noqa: F401
 from captionlab.report.render import HEADLINE
 from captionlab.utils import atomic_write_json, run_metadata, set_seed
+
+# What a notebook reads from other notebooks' outputs: {notebook: {upstream notebook: [paths]}} (placeholders are
+# run configuration fields). `start` checks them before anything is built; `captionlab report run --only`
+# adds the upstream notebooks whose outputs are missing.
+NEEDS: dict[str, dict[str, list[str]]] = {
+    "03_evaluate": {"02_train": ["{checkpoint}"]},
+    "04_attention": {"02_train": ["{checkpoint}"], "03_evaluate": ["{run_dir}/03_evaluate/clipscore_pairs.csv"]},
+}
+
+
+def missing_inputs(name: str, cfg: RunConfig) -> dict[str, list[Path]]:
+    """{upstream notebook: its outputs that `name` needs and that do not exist} for this run configuration."""
+    values = {"checkpoint": cfg.checkpoint, "run_dir": cfg.run_dir}
+    missing: dict[str, list[Path]] = {}
+    for upstream, paths in NEEDS.get(name, {}).items():
+        absent = [Path(p.format(**values)) for p in paths if not Path(p.format(**values)).exists()]
+        if absent:
+            missing[upstream] = absent
+    return missing
+
+
+def upstream_notebooks(name: str, cfg: RunConfig) -> list[str]:
+    """The notebooks to run before `name` (recursively) because outputs it needs are missing."""
+    order: list[str] = []
+    for upstream in missing_inputs(name, cfg):
+        for dep in [*upstream_notebooks(upstream, cfg), upstream]:
+            if dep not in order:
+                order.append(dep)
+    return order
+
 
 @dataclass
 class NotebookContext:
@@ -111,6 +141,11 @@ def start(name: str, parameters: MutableMapping[str, Any] | None = None, models:
         given["quick"] = _as_bool(given["quick"])
     params_file = given.pop("params_file", DEFAULT_PARAMS)
     cfg = load_config(params_file, given)
+    missing = missing_inputs(name, cfg)
+    if missing:  # one line, before anything is built
+        upstream, paths = next(iter(missing.items()))
+        raise MissingInputError(f"{name} needs {paths[0]} from {upstream}: run notebooks/{upstream}.ipynb first "
+                                f"(or `captionlab report run --only {name[:2]}`, which runs what {name} needs)")
     try:
         built = prepare_world(cfg, models)  # the explicit build step (demo world: data + tiny models, cached)
     except ConfigError as exc:

@@ -183,6 +183,11 @@ def run_report(params_file: str | Path, out_dir: str | Path | None = None,
     run = {"run_dir": str(out), "quick": bool(quick), "params_file": str(params_path)}
     cfg = load_config(params_path, run)  # validates the whole file before any notebook runs
     paths = select_notebooks(notebooks)
+    if notebooks:  # a selection also runs the upstream notebooks whose outputs it needs and this run lacks
+        from captionlab.report.context import upstream_notebooks
+
+        wanted = [n for p in paths for n in upstream_notebooks(p.stem, cfg)] + [p.stem for p in paths]
+        paths = select_notebooks(list(dict.fromkeys(wanted)))
     for p in paths:
         if not p.exists():
             raise ConfigError(f"{p}: notebook not found")
