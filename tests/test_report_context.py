@@ -56,12 +56,12 @@ def test_missing_data_root_names_it(tmp_path: Path) -> None:
 
 
 def test_headline_and_save_json(tmp_path: Path) -> None:
-    ctx = start("03_evaluate", {"params_file": str(_real_params(tmp_path)), "run_dir": str(tmp_path)})
+    ctx = start("03_scores", {"params_file": str(_real_params(tmp_path)), "run_dir": str(tmp_path)})
     ctx.headline({"CIDEr": np.float32(0.5), "n": np.int64(3)}, title="Eval", notes="beam")
-    h = json.loads((tmp_path / "03_evaluate" / "headline.json").read_text())
+    h = json.loads((tmp_path / "03_scores" / "headline.json").read_text())
     assert h["metrics"] == {"CIDEr": 0.5, "n": 3} and h["world"] == "real" and h["title"] == "Eval"
     ctx.save_json("metrics.json", {"CIDEr": 0.5})
-    m = json.loads((tmp_path / "03_evaluate" / "metrics.json").read_text())
+    m = json.loads((tmp_path / "03_scores" / "metrics.json").read_text())
     assert m["CIDEr"] == 0.5 and m["meta"]["world"] == "real" and "versions" in m["meta"]
 
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from captionlab.params import load_config
@@ -16,6 +17,7 @@ from captionlab.train import captioner_config, train, train_config
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # two processes under accelerate launch + a reference run: ~1 min on 2 cores
 def test_two_processes_match_one(tiny_captioner_models, demo_world: Path, tmp_path: Path) -> None:
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({
