@@ -182,6 +182,7 @@ def run_report(params_file: str | Path, out_dir: str | Path | None = None,
     out.mkdir(parents=True, exist_ok=True)
     run = {"run_dir": str(out), "quick": bool(quick), "params_file": str(params_path)}
     cfg = load_config(params_path, run)  # validates the whole file before any notebook runs
+    notebooks = notebooks or cfg.notebooks  # the params file's `notebooks:` list, when no selection is given
     paths = select_notebooks(notebooks)
     if notebooks:  # a selection also runs the upstream notebooks whose outputs it needs and this run lacks
         from captionlab.report.context import upstream_notebooks
