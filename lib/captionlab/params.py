@@ -168,12 +168,16 @@ def check_keys(mapping: dict[str, Any], source: str) -> None:
             raise ConfigError(f"{source}: unknown key {key!r}{hint}; see captionlab.params.RunConfig")
 
 
-def load_config(path: str | os.PathLike | None = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Read a params file, apply overrides, resolve `{placeholders}`, validate: the run configuration (builds nothing)."""
+def load_config(path: str | os.PathLike | None = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None,
+                source: str = "overrides") -> RunConfig:
+    """Read a params file, apply overrides (named `source` in errors), resolve `{placeholders}`, validate.
+
+    The run configuration; builds nothing.
+    """
     path = path or DEFAULT_PARAMS
     raw = read_params_file(path)
     overrides = dict(overrides or {})
-    check_keys(overrides, "overrides")
+    check_keys(overrides, source)
     raw.update(overrides)
     raw.setdefault("params_file", str(path))
     missing = [name for name, f in FIELDS.items() if name not in raw and f.default is dataclasses.MISSING

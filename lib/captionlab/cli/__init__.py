@@ -25,7 +25,8 @@ COMMAND_MODULES = [
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every registered sub-command."""
-    parser = argparse.ArgumentParser(prog="captionlab", description=__doc__)
+    parser = argparse.ArgumentParser(prog="captionlab", description="captionlab: caption, evaluate, train and "
+                                     "report (the course's hw3 contracts, the demo world, the report notebooks)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)

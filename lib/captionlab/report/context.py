@@ -140,7 +140,7 @@ def start(name: str, parameters: MutableMapping[str, Any] | None = None, models:
     if isinstance(given.get("quick"), str):
         given["quick"] = _as_bool(given["quick"])
     params_file = given.pop("params_file", DEFAULT_PARAMS)
-    cfg = load_config(params_file, given)
+    cfg = load_config(params_file, given, source=f"{name} parameters")
     missing = missing_inputs(name, cfg)
     if missing:  # one line, before anything is built
         upstream, paths = next(iter(missing.items()))

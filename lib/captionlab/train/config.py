@@ -123,4 +123,4 @@ def load_train_params(path: str | None, overrides: list[str]) -> RunConfig:
     for section in ("captioner", "train"):  # sections merge with the file's instead of replacing them
         if isinstance(extra.get(section), dict):
             extra[section] = {**(read_params_file(path or "params/demo.yaml").get(section) or {}), **extra[section]}
-    return load_config(path, extra)
+    return load_config(path, extra, source="-p")
