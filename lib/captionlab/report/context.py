@@ -151,8 +151,9 @@ def start(name: str, parameters: MutableMapping[str, Any] | None = None, models:
     except ConfigError as exc:
         raise ConfigError(f"{name}: {exc}") from None
     data_root = built.pop("world")
-    prepared = (f"Prepared with `captionlab.params.prepare_world` (demo world + models {', '.join(built)}; "
-                f"built on first use, then cached)." if cfg.world == "demo" else "")
+    what = "data + models " + ", ".join(built) if built else "data"
+    prepared = (f"Prepared with `captionlab.params.prepare_world` (demo world {what}; built on first use, then "
+                f"cached)." if cfg.world == "demo" else "")
     set_seed(cfg.seed)
     run_dir = Path(cfg.run_dir).expanduser().resolve()
     out = run_dir / name
