@@ -283,7 +283,7 @@ def test_cli_faithfulness_methods(tiny_dirs, tmp_path):
 
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
-    from captionlab.attention import commands
+    from captionlab.cli import attention as commands
 
     gpt = GPT2LMHeadModel.from_pretrained(tiny_dirs[1])
     tok = AutoTokenizer.from_pretrained(tiny_dirs[1])
