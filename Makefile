@@ -17,11 +17,12 @@ export TOKENIZERS_PARALLELISM ?= false
 export MPLBACKEND ?= Agg
 PARAMS ?= params/demo.yaml
 
-.PHONY: venv lock test-latest git-filters java chromium test demo bench bench-real-shapes world report clean help
+.PHONY: venv lock test-latest git-filters java chromium test test-fast demo bench bench-real-shapes world report clean help
 
 help:
 	@echo "make demo   - set up .venv, build the demo world, run every notebook, render reports/"
 	@echo "make test   - set up .venv and run the test suite"
+	@echo "make test-fast - the tests that build no demo model (the edit-test loop, < 3 min)"
 	@echo "make lock   - re-resolve $(LOCK) from pyproject.toml (UPGRADE=1: newest allowed versions)"
 	@echo "make test-latest - the suite in $(LATEST) with the newest versions pyproject.toml allows"
 	@echo "make bench  - run the benchmarks (reports/bench/)"
@@ -68,7 +69,11 @@ chromium:
 	else echo "WARNING: chromium is missing (sudo apt-get install chromium); reports will be HTML only."; fi
 
 test: venv
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=20 $(PYTEST_ARGS)
+
+# The edit-test loop: no demo model builds (tiny random models and the generated data only), under 3 min on 2 cores.
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow and not demo_models" --durations=10 $(PYTEST_ARGS)
 
 # The lock: pyproject.toml's ranges (+ dev extra) under $(LOCK_CONSTRAINTS), resolved by uv for this Python.
 # Versions already in the lock are kept unless UPGRADE=1 (then: the newest the ranges allow).

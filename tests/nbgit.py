@@ -14,7 +14,8 @@ def _git(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProc
 def clean_filter(repo: Path, path: Path) -> str | None:
     """The clean command git runs on `path` when it is staged, or None (no filter attribute / driver not set up)."""
     rel = path.resolve().relative_to(repo.resolve())
-    attr = _git(repo, "check-attr", "filter", "--", str(rel)).stdout.strip().rsplit(": ", 1)[-1]
+    proc = _git(repo, "check-attr", "filter", "--", str(rel), check=False)
+    attr = proc.stdout.strip().rsplit(": ", 1)[-1] if proc.returncode == 0 else ""  # not a git checkout: no filter
     if attr in ("unspecified", "unset", "set", ""):
         return None
     cmd = _git(repo, "config", f"filter.{attr}.clean", check=False).stdout.strip()

@@ -51,8 +51,8 @@ def test_notebook_executed_and_saved_in_place_stages_without_outputs(scratch_rep
     path = scratch_repo / "notebooks" / "00_demo_world.ipynb"
     nb = nbformat.read(path, as_version=4)
     params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
-    assert 'run_dir = ""' in params.source
-    params.source = params.source.replace('run_dir = ""', f'run_dir = "{tmp_path / "run"}"')
+    assert "run_dir = None" in params.source
+    params.source = params.source.replace("run_dir = None", f'run_dir = "{tmp_path / "run"}"')
     NotebookClient(nb, kernel_name="python3", timeout=300, record_timing=True,
                    resources={"metadata": {"path": str(path.parent)}}).execute()
     nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {}, "version_major": 2,
@@ -70,7 +70,5 @@ def test_notebook_executed_and_saved_in_place_stages_without_outputs(scratch_rep
     assert all(c.get("execution_count") is None for c in json.loads(stored)["cells"])
     diff = git(scratch_repo, "diff", "--cached", "-U0").splitlines()
     changed = [line for line in diff if line[:1] in "+-" and not line.startswith(("+++", "---"))]
-    assert changed == ['-    "run_dir = \\"\\"       # report folder; this notebook writes into run_dir/00_demo_world/ '
-                       '(empty: reports/adhoc)\\n",',
-                       f'+    "run_dir = \\"{tmp_path / "run"}\\"       # report folder; this notebook writes into '
-                       'run_dir/00_demo_world/ (empty: reports/adhoc)\\n",'], diff
+    assert len(changed) == 2 and changed[0].startswith('-    "run_dir = None ') and changed[1].startswith(
+        f'+    "run_dir = \\"{tmp_path / "run"}\\" '), diff  # only the edited parameter line

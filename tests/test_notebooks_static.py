@@ -1,9 +1,11 @@
 """The notebooks as git stores them (the working files through the `.gitattributes` clean filter): output-free,
-a parsable `parameters` cell whose defaults equal params/demo.yaml, and the runner's order matches the files."""
+a parsable `parameters` cell naming RunConfig fields (None: the value in params/demo.yaml), a one-line setup call,
+and the runner's order matches the files."""
 
 from __future__ import annotations
 
 import ast
+from dataclasses import MISSING
 from pathlib import Path
 
 import nbformat
@@ -12,6 +14,7 @@ import pytest
 import yaml
 from nbgit import staged_text
 
+from captionlab.params import FIELDS
 from captionlab.report import runner
 from captionlab.utils import REPO_ROOT
 
@@ -44,28 +47,28 @@ def test_committed_without_outputs_and_with_parameters_cell(path: Path) -> None:
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_parameters_parse_and_defaults_equal_demo_params(path: Path, tmp_path: Path) -> None:
+def test_parameters_are_run_config_fields_read_from_demo_params(path: Path, tmp_path: Path) -> None:
     nb = committed(path)
     nbformat.write(nb, tmp_path / path.name)
-    source = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", [])).source
+    cells = [c for c in nb.cells if c.cell_type == "code"]
+    source = cells[0].source
     assigned = [t.id for node in ast.parse(source).body if isinstance(node, ast.Assign) for t in node.targets]
     declared = pm.inspect_notebook(tmp_path / path.name)
     assert list(declared) == assigned, "papermill must parse every parameter (no '=' in comments)"
     for name in ("params_file", "run_dir", "world", "seed", "quick", "data_root"):
         assert name in declared, f"{path.name}: missing common parameter {name}"
-    for name, info in declared.items():
-        if name in DEMO:
-            assert ast.literal_eval(info["default"]) == DEMO[name], f"{path.name}: {name} default differs from demo.yaml"
-    assert ast.literal_eval(declared["quick"]["default"]) is False
+    unknown = sorted(set(declared) - set(FIELDS))
+    assert not unknown, f"{path.name}: parameters {unknown} are not RunConfig fields"
+    defaults = {name: ast.literal_eval(info["default"]) for name, info in declared.items()}
+    assert defaults.pop("params_file") == "params/demo.yaml"
+    assert set(defaults.values()) == {None}, f"{path.name}: defaults must come from the params file, not a copy"
+    assert all(name in DEMO or FIELDS[name].default is not MISSING for name in defaults)
+    setup = cells[1].source.splitlines()
+    call = [line for line in setup if "report.start(" in line]
+    assert len(call) == 1 and call[0].startswith(f'ctx = report.start("{path.stem}", globals()') and len(call[0]) < 80
 
 
 def test_no_generator_owns_the_notebooks() -> None:
     assert not (NB_DIR / "_build.py").exists()
     attrs = (REPO_ROOT / ".gitattributes").read_text()
     assert "*.ipynb filter=nbstripout" in attrs
-
-
-def test_empty_model_fallbacks_match_demo_params() -> None:
-    from captionlab.report.context import DEMO_SPECS
-
-    assert {k: DEMO[k] for k in DEMO_SPECS} == DEMO_SPECS
