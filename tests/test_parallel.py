@@ -106,7 +106,7 @@ def test_llava_and_prompt_study_two_processes_equal_one(tiny_llava, images, demo
     assert set(load_captions(root / "p1_data" / "val.json").stems) == stems
     params = tmp_path / "study.yaml"
     params.write_text(yaml.safe_dump({
-        "data_root": str(root), "llava_model": str(tiny_llava), "max_images": 0,
+        "base": str(Path(__file__).resolve().parents[1] / "params" / "demo.yaml"), "data_root": str(root), "llava_model": str(tiny_llava), "max_images": 0,
         "llava_prompts": ["Describe the image.", "Caption the image."],
         "llava_configs": {"greedy": {"num_beams": 1, "max_new_tokens": 5}, "beam2": {"num_beams": 2, "max_new_tokens": 5}}}))
     study = ["prompt-study", "--params", str(params), "--no-clip", "--batch-size", "2"]
