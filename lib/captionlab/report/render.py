@@ -207,6 +207,8 @@ def write_index(out_dir: str | Path, sections: Sequence[Section], title: str = "
             metrics += f'<div class="err">{html.escape(s.error)}</div>'
         css = {"ok": "ok", "failed": "failed"}.get(s.status, "not")
         secs = f"{s.seconds:.0f} s" if s.seconds is not None else ""
+        if s.extras.get("peak_memory_mb"):
+            secs += f", peak RSS {s.extras['peak_memory_mb'] / 1024:.1f} GB"
         links = " · ".join(x for x in (_link(s.html, out_dir, "HTML"), _link(s.pdf, out_dir, "PDF"),
                                        _link(s.notebook, out_dir, "notebook")) if x)
         first = _link(s.html, out_dir, name) or name

@@ -22,6 +22,7 @@ from captionlab.errors import CaptionlabError, ConfigError
 from captionlab.params import load_config
 from captionlab.report import render
 from captionlab.report.context import repo_path
+from captionlab.report.memory import PeakMemory
 from captionlab.report.render import RenderError, Section
 from captionlab.utils import REPO_ROOT, atomic_write_json, git_commit
 
@@ -227,12 +228,14 @@ def run_report(params_file: str | Path, out_dir: str | Path | None = None,
         section.notebook = out / f"{path.stem}.ipynb"
         (out / path.stem / render.HEADLINE).unlink(missing_ok=True)  # never show a previous run's numbers
         try:
-            execute_notebook(path, section.notebook, notebook_parameters(path, run, per_notebook=cfg.per_notebook),
-                             kernel_name=kernel_name, progress=progress)
+            with PeakMemory() as mem:  # the kernel's resident memory, sampled while it runs
+                execute_notebook(path, section.notebook, notebook_parameters(path, run, per_notebook=cfg.per_notebook),
+                                 kernel_name=kernel_name, progress=progress)
             section.status = "ok"
         except NotebookError as exc:
             section.status, section.error, failure = "failed", str(exc), exc
         section.seconds = time.time() - t0
+        section.extras["peak_memory_mb"] = mem.peak_mb
         section.headline = render.read_headline(out / path.stem)
         if render_html:
             _render(section, out, hide_input, pdf, notes)
