@@ -48,6 +48,7 @@ class ClipTrainConfig:
     cls_fraction: float = 0.75  # share of each batch drawn from the single-object classification images
     extra_cls_images: int = 8000  # fresh single-object scenes drawn in memory (50/class alone overfits)
     patch_loss: float = 0.0  # weight of the auxiliary per-patch (colour shape | background) loss from the masks
+    whiten_patches: bool = False  # start the patch embedding from whitened principal patches of training images
     sincos_positions: bool = False  # start the vision position embeddings from a 2-D sin-cos grid (MAE-style)
     patch_object_weight: float = 5.0  # object pixels count this much more than background pixels in that loss
 
@@ -198,6 +199,23 @@ def _features(out: Any) -> torch.Tensor:  # noqa: F821
 
 
 
+def init_patch_whitening(model: Any, pixels: np.ndarray, eps: float = 1e-2) -> None:
+    """Set the patch embedding to +/- whitened top principal components of the patches of `pixels` (N, 3, H, W) uint8
+    (the whitening initialisation of fast CIFAR training: edge and colour filters from step 0)."""
+    import torch
+
+    conv = model.vision_model.embeddings.patch_embedding
+    d, _, p, _ = conv.weight.shape
+    x = (torch.from_numpy(pixels).double() / 255 - torch.tensor(CLIP_MEAN, dtype=torch.float64).view(1, 3, 1, 1)) \
+        / torch.tensor(CLIP_STD, dtype=torch.float64).view(1, 3, 1, 1)
+    patches = x.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(-1, 3 * p * p)
+    vals, vecs = torch.linalg.eigh(torch.cov(patches.t()))  # ascending eigenvalues
+    k = d // 2
+    filters = (vecs[:, -k:] / (vals[-k:] + eps).sqrt()).t().reshape(k, 3, p, p)
+    with torch.no_grad():
+        conv.weight.copy_(torch.cat([filters, -filters]).to(conv.weight.dtype))
+
+
 def init_sincos_positions(model: Any) -> None:
     """Overwrite the vision position embeddings with a 2-D sin-cos grid (CLS row 0), scaled to the default init's std."""
     import torch
@@ -281,6 +299,8 @@ def fit(data: dict[str, Any], cfg: ClipTrainConfig, seed: int,
     model.train()
     if cfg.sincos_positions:
         init_sincos_positions(model)
+    if cfg.whiten_patches:
+        init_patch_whitening(model, data["cap_pixels"][rng.permutation(len(data["cap_pixels"]))[:500]])
     # a throw-away linear head: every patch token predicts the class mix of its pixels (dense shape supervision)
     patch_head = torch.nn.Linear(cfg.hidden, len(labels) + 1)
 
