@@ -121,9 +121,11 @@ def _pixels(paths: list[Path]) -> np.ndarray:
     return out
 
 
-def load_training_data(world_root: Path) -> dict[str, Any]:
-    """p2 train images with their captions, and p1 classification images with their labels."""
+def load_training_data(world_root: Path, masks: bool = True) -> dict[str, Any]:
+    """p2 train images with their captions, and p1 classification images with their labels; with `masks`, the p2
+    images' per-patch class targets (`patch_targets`; the p1 images have no masks and get all-zero targets)."""
     from captionlab.data import load_captions, load_id2label, load_mask, load_objects
+    from captionlab.data.world import CLASS_NAMES
 
     cs = load_captions(world_root / "p2_data" / "train.json")
     cap_paths = [cs.image_path(world_root / "p2_data" / "images" / "train", s) for s in cs.stems]
@@ -133,7 +135,9 @@ def load_training_data(world_root: Path) -> dict[str, Any]:
     objects = load_objects(world_root / "p2_data" / "objects_train.json")
     present = [{(o["colour"], o["shape"]) for o in objects[s]} for s in cs.stems]
     mask_dir = world_root / "p2_data" / "masks" / "train"
-    cap_patches = np.stack([patch_targets(load_mask(mask_dir / f"{s}.png"), objects[s]) for s in cs.stems])
+    shape = (len(cs.stems), (IMAGE_SIZE // PATCH) ** 2, len(CLASS_NAMES) + 1)
+    cap_patches = (np.stack([patch_targets(load_mask(mask_dir / f"{s}.png"), objects[s]) for s in cs.stems])
+                   if masks else np.zeros(shape, dtype=np.uint8))
     return {"cap_pixels": _pixels(cap_paths), "captions": [cs.captions[s] for s in cs.stems], "cap_present": present,
             "cap_patches": cap_patches, "cls_pixels": _pixels(cls_paths), "cls_labels": cls_labels,
             "cls_patches": np.zeros((len(cls_paths),) + cap_patches.shape[1:], dtype=np.uint8), "id2label": id2label}
@@ -270,7 +274,7 @@ def _train(world_root: Path, out_dir: Path, seed: int, cfg: ClipTrainConfig) -> 
 
 def prepare_data(world_root: Path, cfg: ClipTrainConfig, seed: int) -> dict[str, Any]:
     """Training pixels, captions, labels and the tokenizer/processor built over their words."""
-    data = load_training_data(world_root)
+    data = load_training_data(world_root, masks=cfg.patch_loss > 0)
     extra_pix, extra_y, extra_patches = extra_single_object_images(cfg.extra_cls_images, seed)
     data["cls_pixels"] = np.concatenate([data["cls_pixels"], extra_pix])
     data["cls_labels"] = list(data["cls_labels"]) + extra_y
