@@ -31,7 +31,10 @@ PROMPT_TEMPLATES = ("a photo of a {}", "a {}", "this is a photo of a {}", "a pic
 
 @dataclass
 class ClipTrainConfig:
-    """Architecture and optimisation of the tiny CLIP (2500 steps: ~640 s on one thread of a busy 2-core box)."""
+    """Architecture and optimisation of the tiny CLIP.
+
+    600 steps (was 2500): the whitened patch-embedding init and the mask-based per-patch loss get shape recognition
+    going early; measured 98.5 % pairwise retrieval / 92.3 % zero-shot (the 2500-step recipe: 98.8 % / 91.0 %)."""
 
     hidden: int = 128
     vision_layers: int = 4
@@ -41,14 +44,14 @@ class ClipTrainConfig:
     patch: int = 8
     projection_dim: int = 128
     batch_size: int = 64
-    steps: int = 2500
-    lr: float = 2e-3
+    steps: int = 600
+    lr: float = 3e-3
     weight_decay: float = 0.05
-    warmup: int = 100
+    warmup: int = 40
     cls_fraction: float = 0.75  # share of each batch drawn from the single-object classification images
     extra_cls_images: int = 8000  # fresh single-object scenes drawn in memory (50/class alone overfits)
-    patch_loss: float = 0.0  # weight of the auxiliary per-patch (colour shape | background) loss from the masks
-    whiten_patches: bool = False  # start the patch embedding from whitened principal patches of training images
+    patch_loss: float = 1.0  # weight of the auxiliary per-patch (colour shape | background) loss from the masks
+    whiten_patches: bool = True  # start the patch embedding from whitened principal patches of training images
     sincos_positions: bool = False  # start the vision position embeddings from a 2-D sin-cos grid (MAE-style)
     patch_object_weight: float = 5.0  # object pixels count this much more than background pixels in that loss
 
