@@ -12,11 +12,12 @@ export TOKENIZERS_PARALLELISM ?= false
 export MPLBACKEND ?= Agg
 PARAMS ?= params/demo.yaml
 
-.PHONY: venv java chromium test demo bench bench-real-shapes world report clean help
+.PHONY: venv git-filters java chromium test test-fast demo bench bench-real-shapes world report clean help
 
 help:
 	@echo "make demo   - set up .venv, build the demo world, run every notebook, render reports/"
 	@echo "make test   - set up .venv and run the test suite"
+	@echo "make test-fast - the tests that build no demo model (the edit-test loop, < 3 min)"
 	@echo "make bench  - run the benchmarks (reports/bench/)"
 	@echo "make bench-real-shapes - feature caching at the real ViT-L/14 + GPT-2 small shapes (CPU)"
 
@@ -28,7 +29,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e '.[dev]'
 	@touch $@
 
-venv: $(VENV)/.installed java
+venv: $(VENV)/.installed java git-filters
+
+# Notebook outputs never reach git: .gitattributes routes *.ipynb through this clean filter (nbstripout), which
+# drops outputs, execution counts, cell ids, papermill's injected cell and the run metadata Jupyter/papermill add.
+NB_STRIP_KEYS := metadata.language_info metadata.papermill metadata.vscode cell.metadata.papermill \
+                 cell.metadata.jp-MarkdownHeadingCollapsed
+NB_CLEAN = "$(abspath $(PY))" -m nbstripout --extra-keys "$(strip $(NB_STRIP_KEYS))" --drop-tagged-cells injected-parameters
+git-filters:
+	@if git rev-parse --git-dir >/dev/null 2>&1; then \
+	  git config filter.nbstripout.clean '$(NB_CLEAN)' && git config filter.nbstripout.smudge cat && \
+	  git config filter.nbstripout.required true && git config diff.ipynb.textconv '$(NB_CLEAN) -t'; fi
 
 # Java runs the PTB tokenizer (CIDEr exactly as the course grades it) and METEOR.
 java:
@@ -49,7 +60,11 @@ chromium:
 	else echo "WARNING: chromium is missing (sudo apt-get install chromium); reports will be HTML only."; fi
 
 test: venv
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=20 $(PYTEST_ARGS)
+
+# The edit-test loop: no demo model builds (tiny random models and the generated data only), under 3 min on 2 cores.
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow and not demo_models" --durations=10 $(PYTEST_ARGS)
 
 world: venv
 	$(VENV)/bin/captionlab world build --models

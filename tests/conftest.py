@@ -14,6 +14,16 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("CAPTIONLAB_CACHE", str(Path(__file__).resolve().parents[1] / ".cache"))
 
 
+DEMO_MODEL_FIXTURES = {"demo_clip", "demo_gpt2", "demo_llava", "demo_captioner"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests that need a trained demo model (built on first use: minutes on CPU) get the `demo_models` marker."""
+    for item in items:
+        if DEMO_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.demo_models)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
     """Every demo model is tiny: one torch thread is faster and avoids oversubscribing a shared 2-core CPU."""

@@ -240,7 +240,7 @@ def test_merge_words_groups_subword_tokens(tiny_dirs):
 def test_cli_series_writes_pngs_named_after_images(tiny_llava_dir, tmp_path, capsys):
     import argparse
 
-    from captionlab.attention import commands
+    from captionlab.cli import attention as commands
 
     img_dir = tmp_path / "imgs"
     img_dir.mkdir()

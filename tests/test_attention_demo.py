@@ -42,7 +42,7 @@ def test_pointing_game_beats_random_baseline(demo_world, trained_captioner, tmp_
     print("\n" + summary.round(3).to_string(index=False))
 
     # the CLI writes the same report
-    from captionlab.attention import commands
+    from captionlab.cli import attention as commands
 
     parser = argparse.ArgumentParser()
     commands.register(parser.add_subparsers())

@@ -26,17 +26,16 @@ def _write(path: Path, params: str, *cells: str) -> Path:
     return path
 
 
-OK_PARAMS = 'params_file = ""\nrun_dir = ""\nquick = False\nworld = "real"\ndata_root = ""\nscore = 1.5'
+OK_PARAMS = 'params_file = "params/demo.yaml"\nrun_dir = None\nquick = None\nworld = None\ndata_root = None\nlr = None'
 OK_CELL = """
 import sys
 import matplotlib.pyplot as plt
 from captionlab import report
-ctx = report.start("{name}", params_file=params_file, run_dir=run_dir, quick=quick, world=world,
-                   data_root=data_root, score=score)
+ctx = report.start("{name}", globals())
 fig, ax = plt.subplots()
-ax.plot([0, 1], [0, score])
+ax.plot([0, 1], [0, lr])
 report.show(fig, ctx.path("line.png"))
-ctx.headline({{"score": score, "python": sys.executable}}, title="Section {name}")
+ctx.headline({{"score": lr, "python": sys.executable}}, title="Section {name}")
 """
 
 
@@ -50,7 +49,8 @@ def tiny_notebooks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr(runner, "NOTEBOOK_DIR", nbdir)
     monkeypatch.setattr(runner, "ORDER", ("a_ok", "b_fail", "c_never"))
     (tmp_path / "data").mkdir()
-    (tmp_path / "p.yaml").write_text(f"title: Tiny report\nworld: real\ndata_root: {tmp_path / 'data'}\nscore: 2.5\n")
+    (tmp_path / "p.yaml").write_text(f"base: params/demo.yaml\ntitle: Tiny report\nworld: real\n"
+                                     f"data_root: {tmp_path / 'data'}\nlr: 2.5\n")
     return tmp_path
 
 
@@ -63,7 +63,7 @@ def test_run_report_stops_at_failing_cell_and_indexes_what_ran(tiny_notebooks: P
     assert "def f():" in msg and str(out / "index.html") in msg
 
     headline = json.loads((out / "a_ok" / "headline.json").read_text())
-    assert headline["metrics"]["score"] == 2.5  # injected from the params file
+    assert headline["metrics"]["score"] == 2.5  # read from the params file the runner passed
     assert Path(headline["metrics"]["python"]).resolve() == Path(sys.executable).resolve()  # the venv's kernel
     assert "data:image/png;base64" in (out / "a_ok.html").read_text()
     assert (out / "a_ok" / "line.png").exists()
@@ -89,10 +89,10 @@ def test_sweep_writes_comparison_table(tiny_notebooks: Path) -> None:
     nb = tiny_notebooks / "notebooks" / "a_ok.ipynb"
     sweep = tiny_notebooks / "s.yaml"
     sweep.write_text(f"base: {tiny_notebooks / 'p.yaml'}\nnotebook: {nb}\nmetrics: [score]\n"
-                     "settings:\n  - {score: 3.0}\n  - {name: big, score: 7.0}\n")
+                     "settings:\n  - {lr: 3.0}\n  - {name: big, lr: 7.0}\n")
     result = run_sweep(sweep, out_dir=tiny_notebooks / "sweep", progress=False)
     table = pd.read_csv(result.csv)
-    assert list(table["setting"]) == ["score=3.0", "big"]
+    assert list(table["setting"]) == ["lr=3.0", "big"]
     assert list(table["score"]) == [3.0, 7.0] and set(table["status"]) == {"ok"}
     assert result.png is not None and result.png.read_bytes()[:4] == b"\x89PNG"
 
@@ -112,9 +112,9 @@ def test_select_and_parameters_of_the_real_notebooks() -> None:
     assert [p.stem for p in runner.select_notebooks(None)] == list(runner.ORDER)
     with pytest.raises(ConfigError, match="unknown notebook 'nope'"):
         runner.select_notebooks("nope")
-    params = {"rank": 8, "world": "demo", "llava_model": "x", "title": "t",
-              "per_notebook": {"02_train": {"epochs": 1}}}
-    chosen = runner.notebook_parameters(runner.notebook_path("02"), params)
-    assert chosen == {"rank": 8, "world": "demo", "epochs": 1}
+    run = {"params_file": "p.yaml", "run_dir": "r", "quick": True}
+    chosen = runner.notebook_parameters(runner.notebook_path("02"), run, overrides={"rank": 8},
+                                        per_notebook={"02_train": {"epochs": 1}, "03_evaluate": {"metrics": []}})
+    assert chosen == {**run, "rank": 8, "epochs": 1}
     with pytest.raises(ConfigError, match="per_notebook.02_train: bogus"):
-        runner.notebook_parameters(runner.notebook_path("02"), {"per_notebook": {"02_train": {"bogus": 1}}})
+        runner.notebook_parameters(runner.notebook_path("02"), run, per_notebook={"02_train": {"bogus": 1}})

@@ -55,7 +55,7 @@ def test_load_vit(hf_vit: vit.ViTClassifier, timm_vit: vit.ViTClassifier, tmp_pa
     assert timm_vit.kind == "timm" and timm_vit.image_size == 48
     assert hf_vit(torch.randn(2, 3, 32, 32)).shape == (2, 3)
     assert timm_vit(torch.randn(2, 3, 48, 48)).shape == (2, 3)
-    with pytest.raises(ConfigError, match="expected 'timm:"):
+    with pytest.raises(ConfigError, match="ViT spec 'resnet50': expected timm:"):
         vit.load_vit("resnet50", 3)
     with pytest.raises(ConfigError, match="unknown timm model"):
         vit.load_vit("timm:no_such_vit", 3, pretrained=False)

@@ -21,3 +21,11 @@ class ConfigError(CaptionlabError, ValueError):
 
 class BudgetError(CaptionlabError, ValueError):
     """A model exceeds its trainable-parameter budget."""
+
+
+class MissingInputError(CaptionlabError, FileNotFoundError):
+    """A notebook needs another notebook's output: the message is one line naming the notebook to run first."""
+
+    def _render_traceback_(self) -> list[str]:
+        """IPython shows this instead of a traceback: the one line that says what to do."""
+        return [f"{type(self).__name__}: {self}"]

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from captionlab.errors import ConfigError
+from captionlab.models.specs import parse_spec
 from captionlab.utils import default_dtype, get_device
 
 
@@ -180,16 +181,11 @@ def _load_hf(spec: str, source: str, device: torch.device) -> ClipBackend:
 @functools.lru_cache(maxsize=4)
 def _load_cached(spec: str, device: str, fingerprint: str) -> ClipBackend:
     dev = torch.device(device)
-    if spec.startswith("open_clip:"):
-        parts = spec.split(":", 2)
-        arch, tag = parts[1], (parts[2] if len(parts) > 2 else None)
-        if not arch:
-            raise ConfigError(f"CLIP spec {spec!r}: expected open_clip:ARCH[:PRETRAINED_TAG]")
-        return _load_open_clip(spec, arch, tag, dev)
-    if spec.startswith("hf:"):
-        return _load_hf(spec, spec[3:], dev)
-    if Path(spec).is_dir():
-        return _load_hf(spec, spec, dev)
+    parsed = parse_spec(spec, what="CLIP")
+    if parsed.kind == "open_clip":
+        return _load_open_clip(spec, parsed.name, parsed.tag, dev)
+    if parsed.kind in ("hf", "hfclip") or (parsed.kind == "path" and Path(parsed.name).is_dir()):
+        return _load_hf(spec, parsed.name, dev)
     raise ConfigError(f"CLIP spec {spec!r}: not an existing directory, and not open_clip:ARCH[:TAG] or hf:<id or dir>; "
                       f"{demo_clip_hint()}")
 
@@ -209,8 +205,8 @@ def load_clip(spec: str | os.PathLike | ClipBackend, device: str | torch.device 
 
 def _fingerprint(spec: str) -> str:
     """Sizes and mtimes of a local checkpoint's files, so a rebuilt directory is reloaded."""
-    p = Path(spec[3:] if spec.startswith("hf:") else spec)
-    if not p.is_dir():
+    p = parse_spec(spec, what="CLIP").local_path
+    if p is None or not p.is_dir():
         return ""
     return ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in sorted(p.iterdir()) if f.is_file())
 

@@ -19,6 +19,7 @@ from PIL import Image
 from torch import Tensor
 
 from captionlab.errors import ConfigError
+from captionlab.models.specs import parse_spec
 
 
 class VisionEncoder(nn.Module):
@@ -68,22 +69,20 @@ def load_encoder(spec: str, pretrained: bool = True, freeze: bool = True, **mode
 
     model_kwargs go to timm.create_model (e.g. img_size) for timm specs.
     """
-    kind, _, rest = spec.partition(":")
-    if kind == "timm":
-        return _timm_encoder(rest, pretrained, freeze, spec, **model_kwargs)
-    if kind == "open_clip":
-        return _open_clip_encoder(rest, pretrained, freeze, spec)
-    if kind in ("hfclip", "hf"):
-        return _hf_clip_encoder(rest, pretrained, freeze, spec)
-    if Path(spec).is_dir():
-        return _hf_clip_encoder(spec, pretrained, freeze, spec)
+    parsed = parse_spec(spec, allowed=("timm", "open_clip", "hfclip", "hf", "path"), what="encoder")
+    if parsed.kind == "timm":
+        return _timm_encoder(parsed.name, parsed.weights, pretrained, freeze, spec, **model_kwargs)
+    if parsed.kind == "open_clip":
+        return _open_clip_encoder(parsed.name, parsed.tag, pretrained, freeze, spec)
+    if parsed.kind in ("hfclip", "hf") or Path(parsed.name).is_dir():
+        return _hf_clip_encoder(parsed.name, pretrained, freeze, spec)
     raise ConfigError(f"encoder spec {spec!r}: expected timm:<name>, open_clip:<arch>[:<tag>] or hfclip:<dir>")
 
 
-def _timm_encoder(name: str, pretrained: bool, freeze: bool, spec: str, **kwargs: Any) -> VisionEncoder:
+def _timm_encoder(name: str, weights: str | None, pretrained: bool, freeze: bool, spec: str,
+                  **kwargs: Any) -> VisionEncoder:
     import timm
 
-    name, _, weights = name.partition("@")
     if weights:  # timm:<name>@<file>: the weights from a local file (no hub), e.g. a manually copied checkpoint
         if not Path(weights).is_file():
             raise ConfigError(f"encoder {spec!r}: weights file {weights} does not exist")
@@ -103,10 +102,9 @@ def _timm_encoder(name: str, pretrained: bool, freeze: bool, spec: str, **kwargs
                          image_size=tuple(model.patch_embed.img_size), spec=spec, freeze=freeze)
 
 
-def _open_clip_encoder(rest: str, pretrained: bool, freeze: bool, spec: str) -> VisionEncoder:
+def _open_clip_encoder(arch: str, tag: str | None, pretrained: bool, freeze: bool, spec: str) -> VisionEncoder:
     import open_clip
 
-    arch, _, tag = rest.partition(":")
     try:
         model, _, transform = open_clip.create_model_and_transforms(arch, pretrained=(tag or None) if pretrained else None)
     except Exception as exc:  # noqa: BLE001

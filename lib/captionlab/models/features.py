@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from captionlab.models.specs import parse_spec
 from captionlab.utils import atomic_path, cache_dir, file_lock
 
 
@@ -37,12 +38,10 @@ class FeatureStore:
 def _spec_fingerprint(spec: str) -> str:
     """The spec plus size/mtime of the files it points at (so a rebuilt local checkpoint invalidates the cache)."""
     parts = [spec]
-    for candidate in (spec, spec.split(":", 1)[-1], spec.rpartition("@")[2]):
-        p = Path(candidate)
-        if p.exists():
-            files = sorted(p.iterdir()) if p.is_dir() else [p]
-            parts += [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.is_file()]
-            break
+    p = parse_spec(spec, what="encoder").local_path
+    if p is not None:
+        files = sorted(p.iterdir()) if p.is_dir() else [p]
+        parts += [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.is_file()]
     return "\n".join(parts)
 
 

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from captionlab.errors import ConfigError, DataError
+from captionlab.models.specs import parse_spec
 
 DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
 DEFAULT_PROMPT = "Write a one-sentence caption for this image."
@@ -52,14 +53,15 @@ def postprocess_caption(reply: str) -> str:
 
 def _resolve_spec(spec: str | os.PathLike) -> str:
     """A local directory, or a hub id (loaded from the HF cache; offline it must be there)."""
-    path = Path(spec).expanduser()
+    parsed = parse_spec(spec, allowed=("hf", "path", "hub"), what="LLaVA")
+    path = Path(parsed.name)
     if path.exists():
         if not (path / "config.json").is_file():
             raise ConfigError(f"{path}: not an HF LLaVA directory (no config.json)")
         return str(path)
-    if str(spec).startswith((".", "/", "~")) or os.sep in str(spec).strip("/").replace("/", "", 1):
+    if parsed.kind == "path":
         raise ConfigError(f"{spec}: LLaVA model directory not found")
-    return str(spec)
+    return parsed.name
 
 
 def load_llava(spec: str | os.PathLike = DEFAULT_MODEL, device: str | torch.device | None = None,

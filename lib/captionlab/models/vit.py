@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from captionlab.errors import ConfigError, DataError
+from captionlab.models.specs import parse_spec
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -71,8 +72,9 @@ class ViTClassifier(nn.Module):
 
 def load_vit(spec: str, num_classes: int, pretrained: bool = True, **timm_kwargs: Any) -> ViTClassifier:
     """Build a classifier from `timm:<name>` (pretrained weights optional) or `hfclip:<dir>` (CLIP vision tower)."""
-    kind, _, name = spec.partition(":")
-    if kind == "timm" and name:
+    parsed = parse_spec(spec, allowed=("timm", "hfclip"), what="ViT")
+    kind, name = parsed.kind, parsed.name
+    if kind == "timm":
         import timm
 
         if not timm.is_model(name):
@@ -86,7 +88,7 @@ def load_vit(spec: str, num_classes: int, pretrained: bool = True, **timm_kwargs
         size = backbone.patch_embed.img_size[-1] if hasattr(backbone, "patch_embed") else cfg["input_size"][-1]
         head = nn.Linear(backbone.num_features, num_classes)
         return ViTClassifier(backbone, head, "timm", size, cfg["mean"], cfg["std"], spec)
-    if kind == "hfclip" and name:
+    if kind == "hfclip":
         from transformers import CLIPVisionModel
 
         path = Path(name)

@@ -1,6 +1,6 @@
 """Report infrastructure: notebook context, save-and-show figures, papermill runner, HTML/PDF rendering, sweeps.
 
-In a notebook:  `from captionlab import report; ctx = report.start("02_train", models=["clip"], **params)`,
+In a notebook:  `from captionlab import report; ctx = report.start("02_train", globals(), models=["clip"])`,
 then `report.show(fig, ctx.path("loss.png"))`, `report.show_table(rows, ctx.path("table.csv"))`,
 `ctx.headline({...})`. From the shell: `captionlab report run --params params/demo.yaml`.
 """

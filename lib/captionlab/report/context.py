@@ -1,45 +1,66 @@
-"""What a notebook needs in its first cell: resolved parameters, the world's data and models, an output folder.
+"""What a notebook needs in its first cell: its run configuration, the world's data and models, an output folder.
 
-A notebook's tagged `parameters` cell holds plain assignments whose defaults are the demo world's values
-(placeholders such as `{cache}` or `{data_root}` allowed); the next cell calls
+A notebook's tagged `parameters` cell names the settings it uses (`rank = None`: the params file's value;
+`params_file` names that file, params/demo.yaml by default); the next cell is one call
 
-    ctx = report.start("02_train", models=["clip", "gpt2"], params_file=params_file, run_dir=run_dir, ...)
+    ctx = report.start("02_train", globals(), models=["clip", "gpt2"])
 
-which resolves placeholders (params file < notebook parameters), builds the demo world and the tiny models
-the notebook needs when `world == "demo"` (cached after the first time), seeds everything and returns a
-`NotebookContext`: where to write artefacts (`ctx.out`), and helpers that record the run's metadata.
+which loads the params file with the notebook's non-None parameters as overrides (`captionlab.params.load_config`:
+placeholders resolved, types checked), runs the explicit build step `prepare_world` (demo world: generates the
+data and the tiny models named in `models` on first use; cached after), seeds everything, sets each declared
+parameter name in the notebook to its resolved value, and returns a `NotebookContext` (`ctx.cfg`, `ctx.out`).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import html
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-from collections.abc import Iterable
+from collections.abc import Iterable, MutableMapping
 
-from captionlab.errors import ConfigError
-from captionlab.params import load_params
+from captionlab.errors import ConfigError, MissingInputError
+from captionlab.params import DEFAULT_PARAMS, FIELDS, RunConfig, load_config, prepare_world, repo_path  # noqa: F401
 from captionlab.report.render import HEADLINE
-from captionlab.utils import REPO_ROOT, atomic_write_json, run_metadata, set_seed
+from captionlab.utils import atomic_write_json, run_metadata, set_seed
 
-DEFAULT_RUN_DIR = "{repo}/reports/adhoc"
-# Model parameters that may be left empty in the demo world (same values as params/demo.yaml).
-DEMO_SPECS = {
-    "clip_model": "{data_root}/models/clip",
-    "encoder": "hfclip:{data_root}/models/clip",
-    "decoder": "{data_root}/models/gpt2/decoder_model.bin",
-    "llava_model": "{data_root}/models/llava",
-    "vit_model": "hfclip:{data_root}/models/clip",
+# What a notebook reads from other notebooks' outputs: {notebook: {upstream notebook: [paths]}} (placeholders are
+# run configuration fields). `start` checks them before anything is built; `captionlab report run --only`
+# adds the upstream notebooks whose outputs are missing.
+NEEDS: dict[str, dict[str, list[str]]] = {
+    "03_evaluate": {"02_train": ["{checkpoint}"]},
+    "04_attention": {"02_train": ["{checkpoint}"], "03_evaluate": ["{run_dir}/03_evaluate/clipscore_pairs.csv"]},
 }
+
+
+def missing_inputs(name: str, cfg: RunConfig) -> dict[str, list[Path]]:
+    """{upstream notebook: its outputs that `name` needs and that do not exist} for this run configuration."""
+    values = {"checkpoint": cfg.checkpoint, "run_dir": cfg.run_dir}
+    missing: dict[str, list[Path]] = {}
+    for upstream, paths in NEEDS.get(name, {}).items():
+        absent = [Path(p.format(**values)) for p in paths if not Path(p.format(**values)).exists()]
+        if absent:
+            missing[upstream] = absent
+    return missing
+
+
+def upstream_notebooks(name: str, cfg: RunConfig) -> list[str]:
+    """The notebooks to run before `name` (recursively) because outputs it needs are missing."""
+    order: list[str] = []
+    for upstream in missing_inputs(name, cfg):
+        for dep in [*upstream_notebooks(upstream, cfg), upstream]:
+            if dep not in order:
+                order.append(dep)
+    return order
 
 
 @dataclass
 class NotebookContext:
-    """A notebook's resolved parameters and output folder (`out = run_dir / name`)."""
+    """A notebook's run configuration and output folder (`out = run_dir / name`)."""
 
     name: str
+    cfg: RunConfig
     params: dict[str, Any]
     run_dir: Path
     out: Path
@@ -48,6 +69,7 @@ class NotebookContext:
     quick: bool
     data_root: Path
     models: dict[str, Path] = field(default_factory=dict)
+    prepared: str = ""  # what the build step did (shown in the setup cell's output)
 
     def __getitem__(self, key: str) -> Any:
         """A resolved parameter, e.g. `ctx["encoder"]` (placeholders such as {data_root} filled in)."""
@@ -95,7 +117,7 @@ class NotebookContext:
         pf = self.params.get("params_file") or "(notebook defaults)"
         quick = " — **quick mode** (reduced sizes)" if self.quick else ""
         return (f"Numbers below come from the **{html.escape(self.world)}** world (`{self.data_root}`), "
-                f"seed {self.seed}, params `{pf}`{quick}. Artefacts go to `{self.out}`.")
+                f"seed {self.seed}, params `{pf}`{quick}. {self.prepared} Artefacts go to `{self.out}`.")
 
 
 def _plain(value: Any) -> Any:
@@ -108,53 +130,43 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def start(name: str, models: Iterable[str] = (), **parameters: Any) -> NotebookContext:
-    """Resolve a notebook's parameters, prepare its world (demo: build data + `models` if missing), seed, return context."""
-    params_file = parameters.get("params_file") or None
-    parameters = dict(parameters)
-    parameters.setdefault("run_dir", "")
-    if not parameters["run_dir"]:
-        parameters["run_dir"] = DEFAULT_RUN_DIR
-    # Placeholders are resolved in scalar parameters; lists/dicts (prompt templates with `{object}`) stay verbatim.
-    nested = {k: v for k, v in parameters.items() if isinstance(v, (list, dict, tuple))}
-    params = load_params(params_file, overrides={k: v for k, v in parameters.items() if k not in nested})
-    params.update(nested)
-    world = str(params.get("world") or "demo")
-    seed = int(params.get("seed") or 0)
-    quick = _as_bool(params.get("quick", False))
-    run_dir = Path(params["run_dir"]).expanduser().resolve()
-    data_root = Path(str(params.get("data_root") or "")).expanduser()
+def start(name: str, parameters: MutableMapping[str, Any] | None = None, models: Iterable[str] = ()) -> NotebookContext:
+    """Load the run configuration (params file < the notebook's non-None parameters), prepare the world, seed.
 
-    built: dict[str, Path] = {}
-    if world == "demo":
-        # The demo world is generated, not downloaded: build the data and the tiny checkpoints on first use.
-        from captionlab.demo import ensure_model, ensure_world, world_root
-
-        data_root = ensure_world(seed, root=data_root if str(data_root) not in ("", ".") else world_root(seed))
-        for m in models:
-            built[m] = ensure_model(m, seed, root=data_root)
-        for key, spec in DEMO_SPECS.items():  # a model parameter left empty: the demo world's checkpoint
-            if key in params and not params[key]:
-                params[key] = spec.format(data_root=data_root)
-    elif not data_root.is_dir():
-        raise ConfigError(f"{params_file or name}: data_root {str(data_root)!r} is not a directory "
-                          f"(world {world!r} expects the course layout there)")
-
-    set_seed(seed)
+    `parameters` is the notebook's namespace (`globals()`): its names that are RunConfig fields are read as
+    overrides (None or "" = from the params file), then set to their resolved values.
+    """
+    given = {k: v for k, v in (parameters or {}).items() if k in FIELDS and v is not None and v != ""}
+    if isinstance(given.get("quick"), str):
+        given["quick"] = _as_bool(given["quick"])
+    params_file = given.pop("params_file", DEFAULT_PARAMS)
+    cfg = load_config(params_file, given, source=f"{name} parameters")
+    missing = missing_inputs(name, cfg)
+    if missing:  # one line, before anything is built
+        upstream, paths = next(iter(missing.items()))
+        raise MissingInputError(f"{name} needs {paths[0]} from {upstream}: run notebooks/{upstream}.ipynb first "
+                                f"(or `captionlab report run --only {name[:2]}`, which runs what {name} needs)")
+    try:
+        built = prepare_world(cfg, models)  # the explicit build step (demo world: data + tiny models, cached)
+    except ConfigError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+    data_root = built.pop("world")
+    what = "data + models " + ", ".join(built) if built else "data"
+    prepared = (f"Prepared with `captionlab.params.prepare_world` (demo world {what}; built on first use, then "
+                f"cached)." if cfg.world == "demo" else "")
+    set_seed(cfg.seed)
+    run_dir = Path(cfg.run_dir).expanduser().resolve()
     out = run_dir / name
     out.mkdir(parents=True, exist_ok=True)
-    params.update(world=world, seed=seed, quick=quick, run_dir=str(run_dir), data_root=str(data_root))
-    return NotebookContext(name=name, params=params, run_dir=run_dir, out=out, world=world, seed=seed,
-                           quick=quick, data_root=data_root, models=built)
+    cfg = cfg.replace(run_dir=str(run_dir), data_root=str(data_root))
+    if parameters is not None:  # the notebook's parameter names now hold the resolved values
+        for key in [k for k in parameters if k in FIELDS]:
+            parameters[key] = getattr(cfg, key)
+    return NotebookContext(name=name, cfg=cfg, params=asdict(cfg), run_dir=run_dir, out=out, world=cfg.world,
+                           seed=cfg.seed, quick=cfg.quick, data_root=Path(data_root), models=built, prepared=prepared)
 
 
 def _as_bool(value: Any) -> bool:
     if isinstance(value, str):
         return value.strip().lower() in ("1", "true", "yes", "on")
     return bool(value)
-
-
-def repo_path(path: str | Path) -> Path:
-    """`path` as is when absolute, else relative to the repository root."""
-    p = Path(path)
-    return p if p.is_absolute() else REPO_ROOT / p

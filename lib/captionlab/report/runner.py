@@ -2,8 +2,8 @@
 
     run_report("params/demo.yaml")        # -> reports/demo/{index.html, report.pdf, NN_name.{ipynb,html,pdf}, NN_name/}
 
-Each notebook gets the params-file keys its `parameters` cell declares (plus `params_file`, `run_dir`, `quick`
-and the keys under `per_notebook: {<name>: {...}}`), writes its artefacts into `run_dir/<name>/` and a
+Each notebook gets `params_file`, `run_dir` and `quick` (it loads every other setting from the params file
+itself) plus the keys under `per_notebook: {<name>: {...}}`, writes its artefacts into `run_dir/<name>/` and a
 `headline.json` that the index page shows. The first failing notebook stops the run with an error naming the
 notebook, the cell and the exception; what ran so far is still rendered and indexed.
 """
@@ -19,7 +19,7 @@ from typing import Any
 from collections.abc import Sequence
 
 from captionlab.errors import CaptionlabError, ConfigError
-from captionlab.params import load_params
+from captionlab.params import load_config
 from captionlab.report import render
 from captionlab.report.context import repo_path
 from captionlab.report.render import RenderError, Section
@@ -28,8 +28,6 @@ from captionlab.utils import REPO_ROOT, atomic_write_json, git_commit
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 ORDER = ("00_demo_world", "01_llava_prompts", "02_train", "03_evaluate", "04_attention",
          "05_clip_zero_shot", "06_vit_analysis")
-# Params-file keys that configure the run itself rather than a notebook parameter.
-RUN_KEYS = {"title", "description", "per_notebook", "notebooks"}
 ALWAYS = ("params_file", "run_dir", "quick")
 
 
@@ -84,17 +82,22 @@ def declared_parameters(notebook: str | Path) -> dict[str, Any]:
     return declared
 
 
-def notebook_parameters(notebook: str | Path, params: dict[str, Any]) -> dict[str, Any]:
-    """The subset of resolved `params` that `notebook` declares, plus its `per_notebook` overrides."""
+def notebook_parameters(notebook: str | Path, run: dict[str, Any], overrides: dict[str, Any] | None = None,
+                        per_notebook: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """What papermill injects: `run` (params_file, run_dir, quick), `overrides` and the notebook's `per_notebook` keys.
+
+    Every override must be a parameter the notebook declares (ConfigError naming the notebook otherwise).
+    """
     declared = declared_parameters(notebook)
     name = Path(notebook).stem
-    chosen = {k: v for k, v in params.items() if k in declared and k not in RUN_KEYS}
-    extra = (params.get("per_notebook") or {}).get(name) or {}
-    unknown = sorted(set(extra) - set(declared))
-    if unknown:
-        raise ConfigError(f"per_notebook.{name}: {', '.join(unknown)} not among the notebook's parameters "
-                          f"({', '.join(sorted(declared))})")
-    chosen.update(extra)
+    chosen = {k: v for k, v in run.items() if k in declared}
+    for source, extra in ((f"per_notebook.{name}", (per_notebook or {}).get(name) or {}),
+                          ("overrides", overrides or {})):
+        unknown = sorted(set(extra) - set(declared))
+        if unknown:
+            raise ConfigError(f"{source}: {', '.join(unknown)} not among {name}'s parameters "
+                              f"({', '.join(sorted(declared))})")
+        chosen.update(extra)
     return chosen
 
 
@@ -177,9 +180,15 @@ def run_report(params_file: str | Path, out_dir: str | Path | None = None,
     out = Path(out_dir) if out_dir else REPO_ROOT / "reports" / params_path.stem
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    params = load_params(params_path, overrides={"run_dir": str(out), "quick": bool(quick),
-                                                 "params_file": str(params_path)})
+    run = {"run_dir": str(out), "quick": bool(quick), "params_file": str(params_path)}
+    cfg = load_config(params_path, run)  # validates the whole file before any notebook runs
+    notebooks = notebooks or cfg.notebooks  # the params file's `notebooks:` list, when no selection is given
     paths = select_notebooks(notebooks)
+    if notebooks:  # a selection also runs the upstream notebooks whose outputs it needs and this run lacks
+        from captionlab.report.context import upstream_notebooks
+
+        wanted = [n for p in paths for n in upstream_notebooks(p.stem, cfg)] + [p.stem for p in paths]
+        paths = select_notebooks(list(dict.fromkeys(wanted)))
     for p in paths:
         if not p.exists():
             raise ConfigError(f"{p}: notebook not found")
@@ -198,7 +207,7 @@ def run_report(params_file: str | Path, out_dir: str | Path | None = None,
         section.notebook = out / f"{path.stem}.ipynb"
         (out / path.stem / render.HEADLINE).unlink(missing_ok=True)  # never show a previous run's numbers
         try:
-            execute_notebook(path, section.notebook, notebook_parameters(path, params),
+            execute_notebook(path, section.notebook, notebook_parameters(path, run, per_notebook=cfg.per_notebook),
                              kernel_name=kernel_name, progress=progress)
             section.status = "ok"
         except NotebookError as exc:
@@ -210,8 +219,8 @@ def run_report(params_file: str | Path, out_dir: str | Path | None = None,
         if failure:
             break
 
-    title = params.get("title") or f"captionlab report — {params_path.stem}"
-    info = {"params": _rel(params_path), "world": params.get("world"), "quick": "yes" if quick else None,
+    title = cfg.title or f"captionlab report — {params_path.stem}"
+    info = {"params": _rel(params_path), "world": cfg.world, "quick": "yes" if quick else None,
             "git": (git_commit() or "")[:10], "total time": f"{time.time() - t_start:.0f} s"}
     index = render.write_index(out, sections, title=title, info=info)
     combined = None

@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from captionlab.errors import ConfigError
-from captionlab.params import load_params
+from captionlab.params import load_config
 from captionlab.report import render
 from captionlab.report.context import repo_path
 from captionlab.report.runner import NotebookError, check_kernel, execute_notebook, notebook_parameters, notebook_path
@@ -96,12 +96,12 @@ def run_sweep(sweep_file: str | Path, out_dir: str | Path | None = None, quick: 
         common = dict(spec.get("overrides") or {})
         print(f"[{i}/{len(spec['settings'])}] {spec['name']}: {name}", file=sys.stderr, flush=True)
         run_dir = out / name
-        params = load_params(base_path, overrides={**common, **overrides, "run_dir": str(run_dir), "quick": quick,
-                                                   "params_file": str(base_path)})
-        nb_params = notebook_parameters(nb, params)
-        missing = sorted((set(common) | set(overrides)) - set(nb_params))
-        if missing:
-            raise ConfigError(f"{sweep_file}: setting {name!r} sets {missing}, which {nb.name} does not declare")
+        run = {"run_dir": str(run_dir), "quick": quick, "params_file": str(base_path)}
+        try:
+            load_config(base_path, {**common, **overrides, **run})  # unknown keys / wrong types: before running
+            nb_params = notebook_parameters(nb, run, overrides={**common, **overrides})
+        except ConfigError as exc:
+            raise ConfigError(f"{sweep_file}: setting {name!r}: {exc}") from None
         (run_dir / nb.stem / render.HEADLINE).unlink(missing_ok=True)
         t0 = time.time()
         row: dict[str, Any] = {"setting": name, **overrides}

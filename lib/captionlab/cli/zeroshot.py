@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from captionlab.metrics.commands import DEFAULT_CLIP  # the course's CLIP (OpenAI ViT-B/32), one definition
+from captionlab.cli.evaluate import DEFAULT_CLIP  # the course's CLIP (OpenAI ViT-B/32), one definition
 
 
 def _register_zeroshot(sub: argparse._SubParsersAction) -> None:

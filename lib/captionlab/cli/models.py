@@ -1,4 +1,4 @@
-"""Model sub-commands: `caption` (the course's hw3_2 contract) and `train` (PEFT captioner); one function each."""
+"""Model sub-commands: `caption` (the course's hw3_2 contract) and `llava` (hw3_1); one function each."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ import argparse
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the model sub-commands."""
     register_caption(sub)
-    register_train(sub)
     _register_llava(sub)
-    _register_zeroshot(sub)
 
 
 # ---------------------------------------------------------------------------------------------- caption
@@ -57,32 +55,6 @@ def run_caption(args: argparse.Namespace) -> int:
     return 0
 
 
-# ------------------------------------------------------------------------------------------------ train
-
-
-def register_train(sub: argparse._SubParsersAction) -> None:
-    """`captionlab train --params params/demo.yaml [-p key=value ...]`."""
-    p = sub.add_parser("train", help="train the PEFT captioner (params file: captioner:, train:, data_root)")
-    add_train_arguments(p)
-    p.set_defaults(func=run_train)
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments shared by `captionlab train` and `python -m captionlab.train`."""
-    parser.add_argument("--params", default=None, help="params YAML (captioner:, train:, data_root)")
-    parser.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
-                        help="override, dotted keys (e.g. train.lr=3e-4, captioner.lora_rank=4)")
-    parser.add_argument("--out-dir", default=None, help="output directory (train.out_dir)")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out-dir")
-
-
-def run_train(args: argparse.Namespace) -> int:
-    """Train from a params file (see captionlab.train)."""
-    from captionlab.train import run_train as _run
-
-    return _run(args)
-
-
 # ------------------------------------------------------------------------------------------------ llava
 
 
@@ -126,13 +98,3 @@ def run_llava(args: argparse.Namespace) -> int:
     save_predictions(args.out, preds)
     print(f"wrote {len(preds)} captions to {args.out}")
     return 0
-
-
-# --------------------------------------------------------------------------------------------- zeroshot
-
-
-def _register_zeroshot(sub: argparse._SubParsersAction) -> None:
-    """`captionlab zeroshot --images DIR --labels id2label.json --out pred.csv [--clip SPEC] [--template ...]`."""
-    from captionlab.models.zeroshot_commands import register as register_zeroshot  # argparse only: cheap
-
-    register_zeroshot(sub)

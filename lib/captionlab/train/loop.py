@@ -1,0 +1,250 @@
+"""Training loop for the PEFT captioner (HF accelerate): cached encoder features, cosine schedule, per-epoch
+validation (CIDEr, optionally CLIPScore), best-checkpoint keeping and exact resume.
+
+Batching is defined globally so results do not depend on the number of processes or on gradient accumulation:
+each optimizer step takes `batch_size` (image, caption) pairs from a per-epoch permutation seeded by
+(seed, epoch); every process takes its slice of each micro-step, and the loss is the token sum divided by the
+global batch's token count, so gradients equal those of one process seeing the whole batch.
+
+Launch on several CPU processes with `accelerate launch --multi_gpu --num_processes 2 --num_machines 1
+--mixed_precision no --dynamo_backend no -m captionlab.cli.train --params ...` and ACCELERATE_USE_CPU=1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from captionlab.errors import ConfigError
+from captionlab.models.captioner import Captioner, CaptionerConfig
+from captionlab.train.checkpoints import (latest_checkpoint, load_state, rng_state, save_checkpoint, save_dir_atomic,
+                                          set_rng_state)
+from captionlab.train.config import TrainConfig
+from captionlab.train.data import CaptionData, epoch_order, evaluate_captions, load_split, most_common_caption
+from captionlab.utils import atomic_write_json, set_seed
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def _optimizer(model: Captioner, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8)
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+    if cfg.schedule == "cosine":
+        return get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
+    if cfg.schedule == "constant":
+        return get_constant_schedule_with_warmup(optimizer, cfg.warmup_steps)
+    raise ConfigError(f"train.schedule must be 'cosine' or 'constant', got {cfg.schedule!r}")
+
+
+def _accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+
+    mp = cfg.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if torch.cuda.is_available() else "no"
+    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    return Accelerator(cpu=cpu, mixed_precision=mp)
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+def train(captioner_cfg: CaptionerConfig, train_cfg: TrainConfig, data_root: str | os.PathLike,
+          on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+    """Train the captioner's projector + PEFT weights; return the history (also written to out_dir).
+
+    `on_step(step, loss)` is called after every optimizer step (logging, or raising to stop a run).
+    """
+    threads = torch.get_num_threads()
+    if train_cfg.cpu_threads > 0 and not torch.cuda.is_available():
+        torch.set_num_threads(train_cfg.cpu_threads)
+    try:
+        return _train(captioner_cfg, train_cfg, Path(data_root), on_step)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(captioner_cfg: CaptionerConfig, train_cfg: TrainConfig, data_root: Path,
+           on_step: Callable[[int, float], None] | None) -> dict[str, Any]:
+    from captionlab.models.features import cached_features
+
+    cfg = train_cfg
+    out_dir = Path(cfg.out_dir)
+    acc = _accelerator(cfg)
+    world, rank = acc.num_processes, acc.process_index
+    micro = cfg.batch_size // (world * cfg.grad_accum)
+    if micro * world * cfg.grad_accum != cfg.batch_size or micro == 0:
+        raise ConfigError(f"train.batch_size={cfg.batch_size} must be a positive multiple of "
+                          f"processes ({world}) x grad_accum ({cfg.grad_accum})")
+
+    set_seed(cfg.seed)  # same initial LoRA / projector weights on every process
+    model = Captioner(captioner_cfg, verbose=acc.is_main_process)
+    train_data = load_split(data_root, "train", cfg.train_images)
+    val_data = load_split(data_root, "val", cfg.eval_images) if cfg.eval_images >= 0 else None
+    tokens = [model.encode_captions([c])[0][0] for c in train_data.pair_caption]  # [bos] caption [eos]
+    n_targets = torch.tensor([len(t) - 1 for t in tokens])
+
+    feats = val_feats = None
+    if cfg.cache_features:
+        model.encoder.to(acc.device)
+        feats = cached_features(model.encoder, captioner_cfg.encoder, train_data.image_paths, dtype=cfg.feature_dtype)
+        if val_data is not None:
+            val_feats = cached_features(model.encoder, captioner_cfg.encoder, val_data.image_paths,
+                                        dtype=cfg.feature_dtype)
+
+    n_pairs = len(tokens)
+    steps_per_epoch = n_pairs // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ConfigError(f"train.batch_size={cfg.batch_size} exceeds the {n_pairs} training pairs")
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
+    epochs = math.ceil(total_steps / steps_per_epoch)
+
+    optimizer = _optimizer(model, cfg)
+    scheduler = _scheduler(optimizer, cfg, total_steps)
+    model, optimizer = acc.prepare(model, optimizer)
+    core: Captioner = acc.unwrap_model(model)
+
+    history: dict[str, Any] = {"world_size": world, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+                               "trainable": core.report, "steps": [], "epochs": [], "best": None,
+                               "baseline": None, "config": {"captioner": asdict(captioner_cfg), "train": asdict(cfg)}}
+    step, start_epoch, skip = 0, 0, 0
+    torch.manual_seed(cfg.seed + 7919 * (rank + 1))  # per-process dropout stream
+    ckpt = latest_checkpoint(out_dir) if cfg.resume else None
+    if ckpt is not None:
+        from safetensors.torch import load_file
+
+        state = load_state(ckpt)
+        if state["world_size"] != world:
+            raise ConfigError(f"{ckpt}: saved with {state['world_size']} processes, resuming with {world}")
+        core.load_trainable(load_file(str(ckpt / "trainable.safetensors")), source=str(ckpt))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"][rank])
+        step, history = state["step"], json.loads(state["history"])
+        start_epoch, skip = divmod(step, steps_per_epoch)
+        if acc.is_main_process:
+            print(f"resumed from {ckpt} at step {step}")
+    if val_data is not None and history["baseline"] is None:
+        base = most_common_caption(train_data)
+        history["baseline"] = {"caption": base, **evaluate_captions({s: base for s in val_data.stems}, val_data,
+                                                                      data_root, "val")}
+
+    def checkpoint() -> None:
+        rng = [None] * world
+        if world > 1:
+            torch.distributed.all_gather_object(rng, rng_state())
+        else:
+            rng = [rng_state()]
+        if acc.is_main_process:
+            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng,
+                     "step": step, "world_size": world, "history": json.dumps(history)}
+            save_checkpoint(out_dir, step, core.save_trainable, state, cfg.keep_checkpoints)
+            atomic_write_json(out_dir / "history.json", history)
+        acc.wait_for_everyone()
+
+    model.train()
+    for epoch in range(start_epoch, epochs):
+        order = epoch_order(n_pairs, cfg.seed, epoch)
+        t0, c0, losses = time.time(), time.process_time(), []
+        first = skip if epoch == start_epoch else 0
+        last = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
+        bar = tqdm(range(first, last), desc=f"epoch {epoch + 1}/{epochs}", disable=not acc.is_main_process,
+                   leave=False)
+        for s in bar:
+            batch = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+            denom = float(n_targets[batch].sum())
+            step_loss = torch.zeros((), device=acc.device)
+            for a in range(cfg.grad_accum):
+                lo = (a * world + rank) * micro
+                idx = batch[lo:lo + micro].tolist()
+                ids, mask = _pad([tokens[i] for i in idx], core.tokenizer.pad_token_id)
+                img = [train_data.pair_image[i] for i in idx]
+                if feats is not None:
+                    inputs = {"features": feats[img]}
+                else:
+                    inputs = {"pixel_values": core._pixels([train_data.image_paths[i] for i in img])}
+                sync = contextlib.nullcontext() if a == cfg.grad_accum - 1 else acc.no_sync(model)
+                with sync:
+                    loss_sum = model(ids, mask, reduction="sum", **inputs)
+                    acc.backward(loss_sum * world / denom)
+                step_loss += loss_sum.detach() / denom
+            if cfg.max_grad_norm > 0:
+                acc.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss_value = float(acc.reduce(step_loss, reduction="sum"))
+            losses.append(loss_value)
+            history["steps"].append({"step": step, "epoch": epoch, "loss": loss_value,
+                                     "lr": scheduler.get_last_lr()[0]})
+            bar.set_postfix(loss=f"{loss_value:.3f}")
+            if on_step is not None:
+                on_step(step, loss_value)
+            if cfg.save_every_steps > 0 and step % cfg.save_every_steps == 0 and s + 1 < last:
+                checkpoint()
+        record = {"epoch": epoch + 1, "step": step, "train_loss": sum(losses) / max(len(losses), 1),
+                  "epoch_seconds": round(time.time() - t0, 3),
+                  "epoch_cpu_seconds": round(time.process_time() - c0, 3), "steps_run": len(losses)}
+        if val_data is not None and acc.is_main_process:
+            t1 = time.time()
+            preds = validate(core, val_data, val_feats, cfg)
+            record["val"] = evaluate_captions(preds, val_data, data_root, "val",
+                                              clip=cfg.clip if cfg.clipscore else None)
+            record["eval_seconds"] = round(time.time() - t1, 3)
+            record["examples"] = dict(list(preds.items())[:3])
+            best = history["best"]
+            if best is None or record["val"]["CIDEr"] > best["CIDEr"]:
+                history["best"] = {"epoch": epoch + 1, "step": step, "CIDEr": record["val"]["CIDEr"],
+                                   "dir": str(out_dir / "best")}
+                save_dir_atomic(out_dir, "best", core.save_trainable)
+            print(f"epoch {epoch + 1}: loss {record['train_loss']:.3f}, val " +
+                  ", ".join(f"{k} {v:.3f}" for k, v in record["val"].items()))
+        history["epochs"].append(record)
+        checkpoint()
+    if acc.is_main_process:
+        atomic_write_json(out_dir / "history.json", history)
+    acc.wait_for_everyone()
+    acc.free_memory()
+    return history
+
+
+def _pad(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    L = max(len(r) for r in rows)
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), L), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = r, 1
+    return ids, mask
+
+
+def validate(model: Captioner, data: CaptionData, features: Any, cfg: TrainConfig) -> dict[str, str]:
+    """Captions {stem: caption} for the validation images (cached features when given)."""
+    if features is not None:
+        caps = model.generate(features=features[list(range(len(data.stems)))], method=cfg.eval_method,
+                              beam_size=cfg.eval_beam_size)
+    else:
+        caps = model.generate(data.image_paths, method=cfg.eval_method, beam_size=cfg.eval_beam_size)
+    return dict(zip(data.stems, caps))
+
+
