@@ -77,7 +77,7 @@ def ensure_models(names: Iterable[str], seed: int = 0, root: Path | None = None,
 
     Each builder runs exactly as it would alone (one torch thread, same seed), so the checkpoints are the same as
     a one-by-one build; a model waits for its dependencies (llava for clip). Defaults to one worker per core, at
-    most two.
+    most two. Workers are spawned, so a script calling this needs the usual `if __name__ == "__main__":` guard.
     """
     names = list(dict.fromkeys(names))
     for n in names:
