@@ -5,6 +5,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
+LOCK := requirements/lock.txt
+LOCK_CONSTRAINTS := requirements/constraints.txt
+TOOLS := .venv-tools
+UV_PIN := uv==0.13.9
+LATEST := .venv-latest
 export CAPTIONLAB_CACHE ?= $(CURDIR)/.cache
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
@@ -12,21 +17,27 @@ export TOKENIZERS_PARALLELISM ?= false
 export MPLBACKEND ?= Agg
 PARAMS ?= params/demo.yaml
 
-.PHONY: venv git-filters java chromium test test-fast demo bench bench-real-shapes world report clean help
+.PHONY: venv lock test-latest git-filters java chromium test test-fast demo rehearse check bench bench-real-shapes world report clean help
 
 help:
 	@echo "make demo   - set up .venv, build the demo world, run every notebook, render reports/"
 	@echo "make test   - set up .venv and run the test suite"
+	@echo "make rehearse - the course route (params/rehearsal.yaml) at the real shapes with random weights, on CPU"
+	@echo "make check  - preflight of PARAMS (data, models, tokenizer, tools, GPU memory/time estimates)"
 	@echo "make test-fast - the tests that build no demo model (the edit-test loop, < 3 min)"
+	@echo "make lock   - re-resolve $(LOCK) from pyproject.toml (UPGRADE=1: newest allowed versions)"
+	@echo "make test-latest - the suite in $(LATEST) with the newest versions pyproject.toml allows"
 	@echo "make bench  - run the benchmarks (reports/bench/)"
 	@echo "make bench-real-shapes - feature caching at the real ViT-L/14 + GPT-2 small shapes (CPU)"
 
-# The stamp depends on pyproject.toml so a dependency change reinstalls.
-$(VENV)/.installed: pyproject.toml
+# Every dependency comes from the lock (the versions the suite passed with); the stamp depends on the lock and
+# pyproject.toml, so a change to either reinstalls. torch goes first (on our machines it comes from local disk).
+$(VENV)/.installed: $(LOCK) pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -U pip
 	$(PIP) install -q $(TORCH_PIN)
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -r $(LOCK)
+	$(PIP) install -q --no-deps -e .
 	@touch $@
 
 venv: $(VENV)/.installed java git-filters
@@ -66,11 +77,44 @@ test: venv
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow and not demo_models" --durations=10 $(PYTEST_ARGS)
 
+# The lock: pyproject.toml's ranges (+ dev extra) under $(LOCK_CONSTRAINTS), resolved by uv for this Python.
+# Versions already in the lock are kept unless UPGRADE=1 (then: the newest the ranges allow).
+$(TOOLS)/bin/uv:
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install -q $(UV_PIN)
+
+lock: $(TOOLS)/bin/uv
+	$(TOOLS)/bin/uv pip compile pyproject.toml --extra dev -c $(LOCK_CONSTRAINTS) \
+	  --python-version $$($(PYTHON) -c 'import platform; print(platform.python_version())') \
+	  --custom-compile-command "make lock" $(if $(UPGRADE),--upgrade) -o $(LOCK)
+
+# Drift check: a separate venv with the newest versions the ranges allow (no lock), then the whole suite.
+# The versions it got are written to reports/latest-versions.txt.
+test-latest: java
+	@test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/pip install -q -U pip
+	$(LATEST)/bin/pip install -q -U --upgrade-strategy eager -e '.[dev]'
+	@mkdir -p reports
+	$(LATEST)/bin/pip freeze --exclude-editable > reports/latest-versions.txt
+	@grep -iE '^(torch|transformers|timm|peft|open.clip.torch|accelerate|tokenizers|papermill)==' reports/latest-versions.txt
+	$(LATEST)/bin/python -m pytest -q $(PYTEST_ARGS)
+
 world: venv
 	$(VENV)/bin/captionlab world build --models
 
 demo: venv chromium
 	$(VENV)/bin/captionlab report run --params $(PARAMS)
+
+# The course route rehearsed on CPU: hw3_data-shaped photos + random-weight checkpoints at the real shapes
+# ({cache}/rehearsal, ~3.5 GB, ~1 min to build), then every notebook on params/rehearsal.yaml.
+# REHEARSE_DTYPE=bfloat16 runs the bf16 paths the GPU route uses (slow on CPUs without bf16 units).
+REHEARSE_DTYPE ?=
+rehearse: venv chromium
+	$(VENV)/bin/captionlab world build --rehearsal
+	CAPTIONLAB_DTYPE=$(REHEARSE_DTYPE) $(VENV)/bin/captionlab report run --params params/rehearsal.yaml
+
+check: venv
+	$(VENV)/bin/captionlab report check --params $(PARAMS)
 
 bench: venv
 	$(PY) benchmarks/run.py

@@ -325,6 +325,55 @@ def bench_attention(s: Setup) -> list[dict[str, Any]]:
     return rows
 
 
+# ------------------------------------------------------------------------------------------ llava decode
+
+
+def bench_llava_decode(s: Setup) -> list[dict[str, Any]]:
+    """LLaVA replies/s, greedy and beam 3 at batch 1 / 8: our KV-cache loop (HFDecoder) vs HF generate, on the
+    demo LLaVA and (demo world) a random LLaVA with llava-1.5's 576 image tokens."""
+    from captionlab.data import load_image
+    from captionlab.decode import HFDecoder, beam_search, greedy_search
+    from captionlab.models.llava import load_llava
+
+    T = s.sizes(4, 16)
+    batches = s.sizes([1, 2], [1, 8])
+    pil = [load_image(p) for p in _image_paths(s, "val", max(batches))]
+    prompt = "Describe the image."
+    rows: list[dict[str, Any]] = []
+
+    def run_model(name: str, llava: Any) -> None:
+        eos = llava.processor.tokenizer.eos_token_id
+
+        def ours(inputs: Any, beams: int) -> list[list[int]]:
+            extra = {"pixel_values": inputs["pixel_values"]}
+            dec = NoEos(HFDecoder(llava.model, inputs["input_ids"], inputs["attention_mask"], **extra), eos)
+            return greedy_search(dec, T, eos) if beams == 1 else beam_search(dec, beams, T, eos)
+
+        def hf(inputs: Any, beams: int) -> list[list[int]]:
+            gen = llava.generation_config({"max_new_tokens": T, "min_new_tokens": T, "num_beams": beams})
+            out = llava.model.generate(**inputs, generation_config=gen)
+            return out[:, inputs["input_ids"].shape[1]:].tolist()
+
+        first = llava.prepare_inputs(pil[:2], prompt)
+        with torch.no_grad():
+            same = ours(first, 1) == hf(first, 1)
+        note = f"{T} new tokens forced; greedy tokens of ours == HF generate on 2 images: {same}"
+        for beams, mname in ((1, "greedy"), (3, "beam3")):
+            for bs in batches:
+                inputs = llava.prepare_inputs(pil[:bs], prompt)
+                for label, fn in (("ours", ours), ("hf", hf)):
+                    res = measure(torch.no_grad()(lambda fn=fn, inputs=inputs, beams=beams: fn(inputs, beams)),
+                                  s.repeats, 1, s.device)
+                    rows.append(_row("llava_decode", f"{name} {mname} {label} b{bs}", label, bs, bs, res,
+                                     "img/s", note))
+
+    run_model("llava", load_llava(s.llava, device=s.device))
+    if not s.real:
+        with tempfile.TemporaryDirectory(prefix="bench-llava576-") as tmp:
+            run_model("llava576", load_llava(build_llava576(Path(s.llava), Path(tmp)), device=s.device))
+    return rows
+
+
 def build_llava576(demo_dir: Path, out: Path) -> Path:
     """Save a random LLaVA (CLIP ViT 336/14 -> 576 image tokens, 4-layer 256-wide Llama) with the demo tokenizer."""
     from transformers import AutoProcessor, LlavaConfig, LlavaForConditionalGeneration
@@ -352,4 +401,5 @@ def build_llava576(demo_dir: Path, out: Path) -> Path:
     return out
 
 
-SECTIONS = {"decode": bench_decode, "train": bench_train, "eval": bench_eval, "attention": bench_attention}
+SECTIONS = {"decode": bench_decode, "train": bench_train, "eval": bench_eval, "attention": bench_attention,
+            "llava_decode": bench_llava_decode}

@@ -98,6 +98,12 @@ def ratios(rows: list[dict]) -> dict[str, float]:
                 out[f"{m} ours/hf @b{b} (img/s)"] = top["throughput"] / hf["throughput"]
             if lora and hf:
                 out[f"{m} ours+lora/hf @b{b} (img/s)"] = lora["throughput"] / hf["throughput"]
+    for model in ("llava", "llava576"):
+        for m in ("greedy", "beam3"):
+            for b in (1, 8):
+                o, h = _find(rows, f"{model} {m} ours b{b}"), _find(rows, f"{model} {m} hf b{b}")
+                if o and h:
+                    out[f"{model} {m} ours/hf @b{b} (img/s)"] = o["throughput"] / h["throughput"]
     for suffix, label in (("", "prefix"), (" (cross)", "cross")):
         c, u = _find(rows, f"train cached features{suffix}"), _find(rows, f"train encoder every step{suffix}")
         if c and u:
@@ -136,7 +142,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
     from captionlab.utils import atomic_path
 
-    sections = [s for s in ("decode", "train", "eval", "attention") if any(r["section"] == s for r in rows)]
+    sections = [s for s in ("decode", "train", "eval", "attention", "llava_decode") if any(r["section"] == s for r in rows)]
     fig, axes = plt.subplots(len(sections), 1, figsize=(10, 3.2 * len(sections)), squeeze=False)
     for ax, sec in zip(axes[:, 0], sections):
         rs = [r for r in rows if r["section"] == sec]

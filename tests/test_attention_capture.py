@@ -266,7 +266,7 @@ def test_cache_for_captures_layers_once_and_browser_switches(tiny_llava):
                            max_new_tokens=3, progress=False)[0]
     np.testing.assert_allclose(cache.get(0, 1).maps, direct.maps, atol=1e-6)
     box = attention_browser(cache)
-    layer_dd, head_dd = box.children[0].children
+    _, layer_dd, head_dd = box.children[0].children
     head_dd.value = "max"
     layer_dd.value = 0
     assert sorted(cache.by_layer) == [0, 1]  # switching reused the captured layers

@@ -112,7 +112,7 @@ def test_with_heads_and_browser():
     cache.get(1, 0)
     assert calls == [1]  # head switches reuse the captured layer
     box = attention_browser(cache, layers=[0, 1])
-    layer_dd, head_dd = box.children[0].children
+    _, layer_dd, head_dd = box.children[0].children
     slider = box.children[1]
     assert slider.max == 1 and list(head_dd.options) == ["mean", "max", 0, 1]
     slider.value = 1

@@ -16,6 +16,7 @@ and benchmarks compare against them.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -101,6 +102,16 @@ class PrefixLMDecoder:
         return self.gpt(inputs_embeds=embeds, attention_mask=mask, cross_states=self.cross_states).logits[:, -1].float()
 
 
+def hf_cache_kwarg(model: torch.nn.Module) -> str:
+    """The KV-cache argument name of an HF model's forward: `cache` (transformers >= 5.24) or `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def hf_output_cache(out: Any) -> Any:
+    """The KV cache of an HF model output under either name (without touching the deprecated alias)."""
+    return out["cache"] if "cache" in out else out["past_key_values"]
+
+
 class HFDecoder:
     """Any HF causal LM (or LLaVA-like model) called as model(input_ids, attention_mask, **extra).
 
@@ -117,6 +128,7 @@ class HFDecoder:
         if bool((self.attention_mask[:, -1] == 0).any()):
             raise ValueError("HFDecoder needs left padding (tokenizer.padding_side = 'left')")
         self.extra = extra
+        self.cache_kwarg = hf_cache_kwarg(model)
         self.batch_size = input_ids.shape[0]
         self.penalty_context = [[int(t) for t, m in zip(ids, msk) if m]
                                 for ids, msk in zip(input_ids.tolist(), self.attention_mask.tolist())]
@@ -131,16 +143,16 @@ class HFDecoder:
         mask = self.attention_mask
         out = self.model(input_ids=self.input_ids, attention_mask=mask, position_ids=self._positions(mask),
                          use_cache=True, **self.extra)
-        return out.logits[:, -1].float(), {"past": out.past_key_values, "mask": mask}
+        return out.logits[:, -1].float(), {"past": hf_output_cache(out), "mask": mask}
 
     @torch.no_grad()
     def step(self, next_tokens: Tensor, cache: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
         """Feed one token per row; return its logits and the grown cache."""
         mask = torch.cat([cache["mask"], cache["mask"].new_ones(cache["mask"].shape[0], 1)], dim=1)
         out = self.model(input_ids=next_tokens[:, None].to(mask.device), attention_mask=mask,
-                         position_ids=self._positions(mask)[:, -1:], past_key_values=cache["past"],
-                         use_cache=True)
-        return out.logits[:, -1].float(), {"past": out.past_key_values, "mask": mask}
+                         position_ids=self._positions(mask)[:, -1:], use_cache=True,
+                         **{self.cache_kwarg: cache["past"]})
+        return out.logits[:, -1].float(), {"past": hf_output_cache(out), "mask": mask}
 
     def reorder_cache(self, cache: dict[str, Any], index: Tensor) -> dict[str, Any]:
         """Select batch rows `index` of the HF cache (in place) and of the mask."""

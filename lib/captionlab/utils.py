@@ -25,6 +25,18 @@ def cache_dir() -> Path:
     return path
 
 
+def _current_umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _new_file_mode() -> int:
+    """Mode of a file created by an ordinary open(): 0666 minus the umask (0644 by default)."""
+    return 0o666 & ~_current_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds."""
@@ -35,6 +47,8 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists():  # mkstemp makes 0600 (files from old runs too): use what open() gives
+            os.chmod(tmp_path, _new_file_mode())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -92,9 +106,15 @@ def get_device(prefer: str | None = None) -> "torch.device":  # noqa: F821
 
 
 def default_dtype(device: "torch.device") -> "torch.dtype":  # noqa: F821
-    """bf16 on CUDA, fp32 on CPU."""
+    """bf16 on CUDA, fp32 on CPU; CAPTIONLAB_DTYPE (e.g. bfloat16) forces one (the rehearsal's bf16 run on CPU)."""
     import torch
 
+    forced = os.environ.get("CAPTIONLAB_DTYPE", "").strip()
+    if forced:
+        dtype = getattr(torch, forced, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"CAPTIONLAB_DTYPE={forced!r} is not a torch dtype (e.g. bfloat16, float32)")
+        return dtype
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 

@@ -57,8 +57,10 @@ def attention_series(result: "AttentionResult", cols: int = 5, alpha: float = 0.
     for j in range(n, rows * cols):
         axes[j // cols, j % cols].axis("off")
     layer = result.layer if not isinstance(result.layer, list) else ",".join(map(str, result.layer))
-    fig.suptitle(title if title is not None else f"{result.name or ''}: \"{result.caption}\" "
-                 f"(layer {layer}, heads {result.heads})", fontsize=11)
+    method = getattr(result, "method", None)
+    how = (f"{method}, " if method else "") + f"layer {layer}" + (f", heads {result.heads}" if method in (None, "raw") else "")
+    fig.suptitle(title if title is not None else f"{result.name or ''}: \"{result.caption}\" ({how})",
+                 fontsize=11)
     return fig
 
 

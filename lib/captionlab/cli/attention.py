@@ -65,13 +65,28 @@ def run_series(args: argparse.Namespace) -> int:
 
 def run_faithfulness(args: argparse.Namespace) -> int:
     """Per-layer pointing game / mass share on annotated images; writes a CSV (and the per-word CSV)."""
-    from captionlab.attention.faithfulness import layer_report, load_annotated
+    from captionlab.attention.faithfulness import layer_report, load_annotated, method_report
     from captionlab.utils import atomic_path
 
     paths, objects, masks = load_annotated(args.images[0], args.masks, args.objects, args.limit or None)
     model = load_model(args.model)
-    summary, words = layer_report(model, paths, objects, masks, layers=_layers(args.layers),
-                                  heads=_heads(args.heads), prompt=args.prompt, words=True)
+    if args.methods:
+        captions = None
+        if args.captions:
+            from captionlab.data import load_predictions
+            from captionlab.errors import DataError
+
+            preds = load_predictions(args.captions)
+            missing = [p.stem for p in paths if p.stem not in preds]
+            if missing:
+                raise DataError(f"{args.captions}: no caption for {len(missing)} images, e.g. {missing[:3]}")
+            captions = [preds[p.stem] for p in paths]
+        summary, words = method_report(model, paths, objects, masks, captions=captions,
+                                       methods=args.methods.split(","), layers=_layers(args.layers),
+                                       heads=_heads(args.heads), prompt=args.prompt)
+    else:
+        summary, words = layer_report(model, paths, objects, masks, layers=_layers(args.layers),
+                                      heads=_heads(args.heads), prompt=args.prompt, words=True)
     out = Path(args.out)
     with atomic_path(out, suffix=".csv") as tmp:
         summary.to_csv(tmp, index=False)
@@ -109,5 +124,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("--masks", required=True, help="directory of <stem>.png label masks")
     f.add_argument("--objects", required=True, help="objects JSON {stem: [{id, colour, shape, ...}]}")
     f.add_argument("--layers", default="all", help="'all' or a comma list of layer indices")
+    f.add_argument("--methods", default="", help="comma list of raw,rollout,grad,relevancy: teacher-forced "
+                   "explanations with a deletion test (default: generation-time raw attention only)")
+    f.add_argument("--captions", default="", help="with --methods: predictions JSON {stem: caption} to explain "
+                   "(default: the model's own greedy captions)")
     f.add_argument("--out", required=True, help="summary CSV path (per-word rows go to <out>_words.csv)")
     f.set_defaults(func=run_faithfulness)

@@ -38,6 +38,7 @@ def render_html(notebook: str | Path, html_path: str | Path, hide_input: bool = 
 
     nb = nbformat.read(str(notebook), as_version=4)
     _drop_noise(nb)
+    _drop_live_widgets(nb)
     exporter = HTMLExporter(template_name="lab", embed_images=True, exclude_input=hide_input,
                             exclude_input_prompt=hide_input, exclude_output_prompt=hide_input)
     # Offline: no require.js / MathJax from a CDN (Chromium would wait for them; the HTML must stand alone).
@@ -71,6 +72,22 @@ def _drop_noise(nb: Any) -> None:
             if out.output_type == "stream" and out.name == "stderr":
                 out.text = NOISE.sub("", out.text)
         cell.outputs = [o for o in cell.outputs if not (o.output_type == "stream" and not o.text.strip())]
+
+
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+def _drop_live_widgets(nb: Any) -> None:
+    """Live ipywidgets cannot run in a saved page (their JavaScript comes from a CDN): drop the widget state and
+    views so outputs show their static alternative (text/html, images) or a note."""
+    nb.metadata.pop("widgets", None)
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            data = out.get("data", {})
+            if WIDGET_VIEW in data:
+                del data[WIDGET_VIEW]
+                if set(data) <= {"text/plain"}:
+                    data["text/plain"] = "[interactive widget: shown when the notebook runs in Jupyter]"
 
 
 def find_chromium() -> str | None:
@@ -190,6 +207,8 @@ def write_index(out_dir: str | Path, sections: Sequence[Section], title: str = "
             metrics += f'<div class="err">{html.escape(s.error)}</div>'
         css = {"ok": "ok", "failed": "failed"}.get(s.status, "not")
         secs = f"{s.seconds:.0f} s" if s.seconds is not None else ""
+        if s.extras.get("peak_memory_mb"):
+            secs += f", peak RSS {s.extras['peak_memory_mb'] / 1024:.1f} GB"
         links = " · ".join(x for x in (_link(s.html, out_dir, "HTML"), _link(s.pdf, out_dir, "PDF"),
                                        _link(s.notebook, out_dir, "notebook")) if x)
         first = _link(s.html, out_dir, name) or name

@@ -22,6 +22,7 @@ from captionlab.errors import CaptionlabError, ConfigError
 from captionlab.params import load_config
 from captionlab.report import render
 from captionlab.report.context import repo_path
+from captionlab.report.memory import PeakMemory
 from captionlab.report.render import RenderError, Section
 from captionlab.utils import REPO_ROOT, atomic_write_json, git_commit
 
@@ -133,6 +134,25 @@ def _cell_summary(notebook: Path, exc: Any) -> str:
     return f"cell index {exc.cell_index} of the executed copy"
 
 
+def ipc_kernel_manager() -> type:
+    """A jupyter_client kernel manager whose kernel talks over local IPC sockets instead of TCP ports.
+
+    The kernel and papermill share this machine, so nothing needs a network port; over TCP, ipykernel warns
+    "Kernel is running over TCP without encryption" for every notebook. Kernel errors are unaffected."""
+    from jupyter_client import AsyncKernelManager
+    from traitlets import CaselessStrEnum
+
+    global _IPC_KM
+    if _IPC_KM is None:
+        _IPC_KM = type("IPCKernelManager", (AsyncKernelManager,),
+                       {"transport": CaselessStrEnum(["tcp", "ipc"], default_value="ipc", config=True),
+                        "__doc__": "AsyncKernelManager over IPC sockets (in the Jupyter runtime dir)."})
+    return _IPC_KM
+
+
+_IPC_KM: type | None = None
+
+
 def execute_notebook(notebook: str | Path, output: str | Path, parameters: dict[str, Any],
                      cwd: str | Path = REPO_ROOT, kernel_name: str | None = None, progress: bool = True,
                      timeout: float | None = None) -> Path:
@@ -144,7 +164,8 @@ def execute_notebook(notebook: str | Path, output: str | Path, parameters: dict[
     output.parent.mkdir(parents=True, exist_ok=True)
     try:
         pm.execute_notebook(str(notebook), str(output), parameters=parameters, kernel_name=kernel_name,
-                            progress_bar=progress, cwd=str(cwd), execution_timeout=timeout)
+                            progress_bar=progress, cwd=str(cwd), execution_timeout=timeout,
+                            kernel_manager_class=ipc_kernel_manager())
     except PapermillExecutionError as exc:
         lines = [ln for ln in (exc.source or "").splitlines() if ln.strip()]
         src = "\n".join("    " + ln for ln in lines[:4]) + ("\n    ..." if len(lines) > 4 else "")
@@ -207,12 +228,14 @@ def run_report(params_file: str | Path, out_dir: str | Path | None = None,
         section.notebook = out / f"{path.stem}.ipynb"
         (out / path.stem / render.HEADLINE).unlink(missing_ok=True)  # never show a previous run's numbers
         try:
-            execute_notebook(path, section.notebook, notebook_parameters(path, run, per_notebook=cfg.per_notebook),
-                             kernel_name=kernel_name, progress=progress)
+            with PeakMemory() as mem:  # the kernel's resident memory, sampled while it runs
+                execute_notebook(path, section.notebook, notebook_parameters(path, run, per_notebook=cfg.per_notebook),
+                                 kernel_name=kernel_name, progress=progress)
             section.status = "ok"
         except NotebookError as exc:
             section.status, section.error, failure = "failed", str(exc), exc
         section.seconds = time.time() - t0
+        section.extras["peak_memory_mb"] = mem.peak_mb
         section.headline = render.read_headline(out / path.stem)
         if render_html:
             _render(section, out, hide_input, pdf, notes)

@@ -1,0 +1,28 @@
+"""The report runner's kernel talks over IPC: no "TCP without encryption" warning, real errors still surface."""
+
+from __future__ import annotations
+
+import nbformat
+import pytest
+
+from captionlab.report.runner import NotebookError, execute_notebook
+
+
+def _notebook(path, *sources: str):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(s) for s in sources]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+    return path
+
+
+def test_kernel_runs_without_tcp_warning_and_errors_still_raise(tmp_path, capfd):
+    src = _notebook(tmp_path / "ok.ipynb", "import os, sys\nprint(sys.version_info[0])")
+    out = execute_notebook(src, tmp_path / "ok.out.ipynb", {}, cwd=tmp_path, progress=False)
+    assert nbformat.read(out, 4).cells[-1].outputs[0]["text"] == "3\n"
+    bad = _notebook(tmp_path / "bad.ipynb", "x = 1", "raise ValueError('boom from the kernel')")
+    with pytest.raises(NotebookError, match="bad.ipynb failed at cell 2/2.*ValueError: boom from the kernel"):
+        execute_notebook(bad, tmp_path / "bad.out.ipynb", {}, cwd=tmp_path, progress=False)
+    err = capfd.readouterr().err
+    assert "without encryption" not in err
+    assert not list(tmp_path.glob("*ipc*"))  # IPC socket files live in the Jupyter runtime dir, not the cwd
