@@ -45,10 +45,10 @@ def demo_world() -> Path:
 
 @pytest.fixture(scope="session")
 def demo_clip(demo_world: Path) -> Path:
-    """Directory of the tiny CLIP trained on the demo world."""
-    from captionlab.demo import ensure_model
+    """Directory of the tiny CLIP trained on the demo world (the tiny GPT-2 builds alongside on the other core)."""
+    from captionlab.demo import ensure_models
 
-    return ensure_model("clip", 0)
+    return ensure_models(["clip", "gpt2"], 0)["clip"]
 
 
 @pytest.fixture(scope="session")
