@@ -34,11 +34,12 @@ help:
 # pyproject.toml, so a change to either reinstalls. torch goes first (on our machines it comes from local disk).
 $(VENV)/.installed: $(LOCK) pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@date +%s > $(VENV)/.install-start
 	$(PIP) install -q -U pip
 	$(PIP) install -q $(TORCH_PIN)
 	$(PIP) install -q -r $(LOCK)
 	$(PIP) install -q --no-deps -e .
-	@touch $@
+	@echo $$(( $$(date +%s) - $$(cat $(VENV)/.install-start) )) > $@  # seconds, shown in the report's stage times
 
 venv: $(VENV)/.installed java git-filters
 

@@ -65,6 +65,9 @@ def _run(args: argparse.Namespace) -> int:
 
     result = run_report(args.params, out_dir=args.out, notebooks=args.only, quick=args.quick,
                         pdf=not args.no_pdf, hide_input=args.hide_input)
+    from captionlab.report.stages import format_table
+
+    print(format_table(result.stages))
     print(f"report: {result.index}" + (f"\n   pdf: {result.pdf}" if result.pdf else ""))
     for note in result.warnings:
         print(f"warning: {note}", file=sys.stderr)

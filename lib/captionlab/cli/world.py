@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 from pathlib import Path
 
@@ -38,7 +37,7 @@ def _root(args: argparse.Namespace) -> Path:
 
 def _build(args: argparse.Namespace) -> int:
     from captionlab.data import world
-    from captionlab.demo import MODEL_BUILDERS, ensure_model, ensure_world
+    from captionlab.demo import ensure_models, ensure_world
 
     if args.rehearsal:
         from captionlab.data.rehearsal import ensure_rehearsal
@@ -55,16 +54,8 @@ def _build(args: argparse.Namespace) -> int:
     print(f"world: {root} (generator v{info['generator_version']}, seed {info['seed']}, "
           f"built in {info['build_seconds']} s)")
     if args.models:
-        for name in DEMO_MODELS:
-            module_name = MODEL_BUILDERS[name][0].split(":")[0]
-            try:
-                importlib.import_module(module_name)
-            except ModuleNotFoundError as exc:
-                if exc.name == module_name:
-                    print(f"model {name}: skipped ({module_name} is not available yet)")
-                    continue
-                raise
-            print(f"model {name}: {ensure_model(name, args.seed, root)}")
+        for name, path in ensure_models(DEMO_MODELS, args.seed, root).items():
+            print(f"model {name}: {path}")
     return 0
 
 
