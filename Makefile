@@ -17,11 +17,13 @@ export TOKENIZERS_PARALLELISM ?= false
 export MPLBACKEND ?= Agg
 PARAMS ?= params/demo.yaml
 
-.PHONY: venv lock test-latest git-filters java chromium test test-fast demo bench bench-real-shapes world report clean help
+.PHONY: venv lock test-latest git-filters java chromium test test-fast demo rehearse check bench bench-real-shapes world report clean help
 
 help:
 	@echo "make demo   - set up .venv, build the demo world, run every notebook, render reports/"
 	@echo "make test   - set up .venv and run the test suite"
+	@echo "make rehearse - the course route (params/rehearsal.yaml) at the real shapes with random weights, on CPU"
+	@echo "make check  - preflight of PARAMS (data, models, tokenizer, tools, GPU memory/time estimates)"
 	@echo "make test-fast - the tests that build no demo model (the edit-test loop, < 3 min)"
 	@echo "make lock   - re-resolve $(LOCK) from pyproject.toml (UPGRADE=1: newest allowed versions)"
 	@echo "make test-latest - the suite in $(LATEST) with the newest versions pyproject.toml allows"
@@ -32,11 +34,12 @@ help:
 # pyproject.toml, so a change to either reinstalls. torch goes first (on our machines it comes from local disk).
 $(VENV)/.installed: $(LOCK) pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@date +%s > $(VENV)/.install-start
 	$(PIP) install -q -U pip
 	$(PIP) install -q $(TORCH_PIN)
 	$(PIP) install -q -r $(LOCK)
 	$(PIP) install -q --no-deps -e .
-	@touch $@
+	@echo $$(( $$(date +%s) - $$(cat $(VENV)/.install-start) )) > $@  # seconds, shown in the report's stage times
 
 venv: $(VENV)/.installed java git-filters
 
@@ -102,6 +105,17 @@ world: venv
 
 demo: venv chromium
 	$(VENV)/bin/captionlab report run --params $(PARAMS)
+
+# The course route rehearsed on CPU: hw3_data-shaped photos + random-weight checkpoints at the real shapes
+# ({cache}/rehearsal, ~3.5 GB, ~1 min to build), then every notebook on params/rehearsal.yaml.
+# REHEARSE_DTYPE=bfloat16 runs the bf16 paths the GPU route uses (slow on CPUs without bf16 units).
+REHEARSE_DTYPE ?=
+rehearse: venv chromium
+	$(VENV)/bin/captionlab world build --rehearsal
+	CAPTIONLAB_DTYPE=$(REHEARSE_DTYPE) $(VENV)/bin/captionlab report run --params params/rehearsal.yaml
+
+check: venv
+	$(VENV)/bin/captionlab report check --params $(PARAMS)
 
 bench: venv
 	$(PY) benchmarks/run.py

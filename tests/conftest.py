@@ -45,10 +45,10 @@ def demo_world() -> Path:
 
 @pytest.fixture(scope="session")
 def demo_clip(demo_world: Path) -> Path:
-    """Directory of the tiny CLIP trained on the demo world."""
-    from captionlab.demo import ensure_model
+    """Directory of the tiny CLIP trained on the demo world (the tiny GPT-2 builds alongside on the other core)."""
+    from captionlab.demo import ensure_models
 
-    return ensure_model("clip", 0)
+    return ensure_models(["clip", "gpt2"], 0)["clip"]
 
 
 @pytest.fixture(scope="session")
@@ -109,3 +109,11 @@ def demo_captioner(demo_world: Path, demo_clip: Path, demo_gpt2: Path, tmp_path_
     cfg = TrainConfig(train_images=2400, eval_images=100, batch_size=32, epochs=2, lr=5e-3, warmup_steps=10,
                       out_dir=str(out))
     return train(cap, cfg, demo_world), out / "best"
+
+
+@pytest.fixture(scope="session")
+def rehearsal_world() -> Path:
+    """Root of the rehearsal world (hw3_data-shaped photos + random-weight real-shape checkpoints; ~1 min once)."""
+    from captionlab.data.rehearsal import ensure_rehearsal
+
+    return ensure_rehearsal()

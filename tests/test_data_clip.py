@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from captionlab.data import load_id2label
@@ -68,3 +69,38 @@ def test_retrieval_and_zero_shot_quality(demo_clip: Path, demo_world: Path, clip
     assert q["zeroshot_accuracy"] >= 0.90, q
     logged = json.loads((demo_clip / "train_log.json").read_text())["quality"]
     assert logged["zeroshot_accuracy"] == pytest.approx(q["zeroshot_accuracy"], abs=0.01)
+
+
+def test_patch_targets_count_each_class_per_patch() -> None:
+    from captionlab.data.world import CLASS_NAMES
+    from captionlab.models.clip_train import patch_targets
+
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[0:8, 0:4] = 1  # half of patch 0
+    mask[10:20, 60:64] = 2  # parts of patches 15 (patch row 1, column 7) and 23 (row 2)
+    objects = [{"id": 1, "colour": "red", "shape": "star"}, {"id": 2, "colour": "blue", "shape": "circle"}]
+    t = patch_targets(mask, objects)
+    red_star, blue_circle, bg = CLASS_NAMES.index("red star"), CLASS_NAMES.index("blue circle"), len(CLASS_NAMES)
+    assert t.shape == (64, len(CLASS_NAMES) + 1) and (t.sum(1) == 64).all()
+    assert t[0, red_star] == 32 and t[0, bg] == 32
+    assert t[15, blue_circle] == 6 * 4 and t[23, blue_circle] == 4 * 4
+    assert t[:, :bg].sum() == (mask > 0).sum() and t[1:7].sum(0)[bg] == 6 * 64
+
+
+def test_whitened_patch_embedding_decorrelates_training_patches() -> None:
+    from captionlab.models.clip_train import ClipTrainConfig, build_model, init_patch_whitening
+
+    torch.manual_seed(0)
+    model = build_model(ClipTrainConfig(), vocab_size=50)
+    rng = np.random.default_rng(0)
+    smooth = rng.random((200, 3, 8, 8)).repeat(8, 2).repeat(8, 3)  # 64x64 images of 8x8 blocks...
+    pixels = (255 * (0.7 * smooth + 0.3 * rng.random((200, 3, 64, 64)))).astype(np.uint8)  # ...plus noise
+    init_patch_whitening(model, pixels, eps=1e-6)
+    x = (torch.from_numpy(pixels).float() / 255 - torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)) \
+        / torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        out = model.vision_model.embeddings.patch_embedding(x).flatten(2).transpose(1, 2).reshape(-1, 128)
+    half = out[:, :64]
+    cov = torch.cov(half.t())
+    assert torch.allclose(cov, torch.eye(64), atol=0.05)  # unit variance, uncorrelated
+    assert torch.allclose(out[:, 64:], -half)  # the +/- pairs

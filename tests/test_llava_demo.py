@@ -35,7 +35,7 @@ def test_demo_llava_beats_most_common_caption_on_p1_val(demo_world, tiny_llava):
     cider = evaluate(preds, ann, images, metrics=("CIDEr",)).summary["CIDEr"]
     constant = most_common_caption(demo_world)
     baseline = evaluate({s: constant for s in preds}, ann, images, metrics=("CIDEr",)).summary["CIDEr"]
-    assert cider > 2 * baseline and cider > baseline + 0.4, (cider, baseline)
+    assert cider >= 3 * baseline, (cider, baseline)  # the issue-17 quality floor
     assert len(set(preds.values())) > 20  # image-dependent captions, not one memorised sentence
 
 

@@ -45,3 +45,14 @@ def test_venv_stamp_seconds(tmp_path: Path):
     (tmp_path / ".installed").write_text("")  # an old stamp without a time
     assert venv_stage(since=0.0, prefix=tmp_path).seconds is None
     assert venv_stage(since=0.0, prefix=tmp_path / "nope") is None
+
+
+def test_index_shows_time_per_stage(tmp_path: Path):
+    from captionlab.report.render import Section, write_index
+    from captionlab.report.stages import Stage
+
+    stages = [Stage("venv", 95.0, False), Stage("model clip", 338.0, True), Stage("notebook 02_train", 61.0, True)]
+    page = write_index(tmp_path, [Section("02_train")], stages=stages).read_text()
+    assert "Time per stage" in page and "model clip" in page and "338 s" in page
+    assert "399 s" in page  # total of the stages that ran in this run
+    assert "Time per stage" not in write_index(tmp_path, [Section("02_train")]).read_text()

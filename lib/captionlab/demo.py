@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import importlib
 import json
+import multiprocessing
+import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 
 from captionlab.utils import atomic_write_json, cache_dir, file_lock
@@ -21,7 +25,7 @@ from captionlab.utils import atomic_write_json, cache_dir, file_lock
 # Bump the version when the builder's output changes; a checkpoint is also rebuilt when the world's generator
 # version or a dependency's build key changes (the LLaVA stand-in reuses the tiny CLIP's vision tower).
 MODEL_BUILDERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "clip": ("captionlab.models.clip_train:train_tiny_clip", "2", ()),
+    "clip": ("captionlab.models.clip_train:train_tiny_clip", "3", ()),
     "gpt2": ("captionlab.models.gpt2_train:train_tiny_gpt2", "1", ()),
     "llava": ("captionlab.models.llava_train:train_tiny_llava", "1", ("clip",)),
 }
@@ -57,6 +61,66 @@ def ensure_world(seed: int = 0, root: Path | None = None) -> Path:
     return root
 
 
+def _ensure_one(args: tuple[str, int, str, dict[str, tuple[str, str, tuple[str, ...]]]]) -> str:
+    """Worker: `ensure_model` with the parent's builder registry (a spawned interpreter starts from the module's)."""
+    name, seed, root, builders = args
+    import torch
+
+    MODEL_BUILDERS.update(builders)
+    torch.set_num_threads(1)
+    return str(ensure_model(name, seed, Path(root)))
+
+
+def ensure_models(names: Iterable[str], seed: int = 0, root: Path | None = None,
+                  workers: int | None = None) -> dict[str, Path]:
+    """`ensure_model` for several names, building independent ones side by side in `workers` processes.
+
+    Each builder runs exactly as it would alone (one torch thread, same seed), so the checkpoints are the same as
+    a one-by-one build; a model waits for its dependencies (llava for clip). Defaults to one worker per core, at
+    most two. Workers are spawned, so a script calling this needs the usual `if __name__ == "__main__":` guard.
+    """
+    names = list(dict.fromkeys(names))
+    for n in names:
+        build_key(n)  # raises KeyError for an unknown name
+    root = ensure_world(seed, root)
+    workers = workers if workers is not None else min(2, len(os.sched_getaffinity(0)))
+    todo = [n for n in names if not _is_built(n, root)]
+    if workers <= 1 or len(todo) <= 1:
+        return {n: ensure_model(n, seed, root) for n in names}
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited torch thread pools or locks
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        pending: dict[str, Future] = {}
+        while len(pending) < len(todo):
+            for n in todo:
+                deps_done = all(d not in todo or (d in pending and pending[d].done()) for d in MODEL_BUILDERS[n][2])
+                if n not in pending and deps_done:
+                    pending[n] = pool.submit(_ensure_one, (n, seed, str(root), dict(MODEL_BUILDERS)))
+            running = [f for f in pending.values() if not f.done()]
+            if len(pending) < len(todo) and running:
+                wait(running, return_when=FIRST_COMPLETED)
+            for f in pending.values():
+                if f.done():
+                    f.result()  # re-raise a builder's error here
+    return {n: ensure_model(n, seed, root) for n in names}
+
+
+def _is_built(name: str, root: Path) -> bool:
+    marker = root / "models" / name / MARKER
+    return marker.exists() and json.loads(marker.read_text()).get("key") == build_key(name)
+
+
+def build_times(seed: int = 0, root: Path | None = None) -> dict[str, dict[str, float | None]]:
+    """Wall and CPU seconds of the cached world and demo model builds (None where not built), in build order."""
+    root = Path(root) if root else world_root(seed)
+    out: dict[str, dict[str, float | None]] = {}
+    markers = {"world": root / "world.json", **{n: root / "models" / n / MARKER for n in MODEL_BUILDERS}}
+    for name, marker in markers.items():
+        info = json.loads(marker.read_text()) if marker.exists() else {}
+        out[name] = {"seconds": info.get("seconds", info.get("build_seconds")),
+                     "cpu_seconds": info.get("cpu_seconds", info.get("build_cpu_seconds"))}
+    return out
+
+
 def ensure_model(name: str, seed: int = 0, root: Path | None = None) -> Path:
     """Train the tiny demo model `name` on the demo world (if missing or stale) and return its directory."""
     key = build_key(name)  # raises KeyError for an unknown name
@@ -73,10 +137,12 @@ def ensure_model(name: str, seed: int = 0, root: Path | None = None) -> Path:
         builder = getattr(importlib.import_module(module_name), fn_name)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out.parent))
         try:
-            t0 = time.time()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             builder(root, tmp, seed)
-            atomic_write_json(tmp / MARKER, {"name": name, "key": key, "seed": seed,
-                                             "seconds": round(time.time() - t0, 1)})
+            atomic_write_json(tmp / MARKER, {"name": name, "key": key, "version": MODEL_BUILDERS[name][1],
+                                             "seed": seed, "seconds": round(time.perf_counter() - t0, 1),
+                                             "cpu_seconds": round(time.process_time() - cpu0, 1),
+                                             "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
             if not out.parent.is_dir():  # the world was rebuilt (and its models removed) while we trained
                 raise RuntimeError(f"{out.parent} vanished while building {name}; run again")
             if out.exists():

@@ -246,9 +246,8 @@ def prepare_world(cfg: RunConfig, models: typing.Iterable[str] = ()) -> dict[str
             raise ConfigError(f"{cfg.params_file}: data_root {cfg.data_root!r} is not a directory "
                               f"(world {cfg.world!r} expects the course layout there)")
         return {"world": root}
-    from captionlab.demo import ensure_model, ensure_world
+    from captionlab.demo import ensure_models, ensure_world
 
     built = {"world": ensure_world(cfg.seed, root=root)}
-    for name in models:
-        built[name] = ensure_model(name, cfg.seed, root=built["world"])
+    built.update(ensure_models(models, cfg.seed, root=built["world"]))  # independent models side by side
     return built

@@ -106,9 +106,15 @@ def get_device(prefer: str | None = None) -> "torch.device":  # noqa: F821
 
 
 def default_dtype(device: "torch.device") -> "torch.dtype":  # noqa: F821
-    """bf16 on CUDA, fp32 on CPU."""
+    """bf16 on CUDA, fp32 on CPU; CAPTIONLAB_DTYPE (e.g. bfloat16) forces one (the rehearsal's bf16 run on CPU)."""
     import torch
 
+    forced = os.environ.get("CAPTIONLAB_DTYPE", "").strip()
+    if forced:
+        dtype = getattr(torch, forced, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"CAPTIONLAB_DTYPE={forced!r} is not a torch dtype (e.g. bfloat16, float32)")
+        return dtype
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 

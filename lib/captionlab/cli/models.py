@@ -9,6 +9,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the model sub-commands."""
     register_caption(sub)
     _register_llava(sub)
+    _register_prompt_study(sub)
 
 
 # ---------------------------------------------------------------------------------------------- caption
@@ -29,6 +30,8 @@ def register_caption(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    p.add_argument("--tokenizer", default=None, help="GPT-2 tokenizer dir (the course's encoder.json + vocab.bpe); "
+                                                     "default: the checkpoint's")
     p.set_defaults(func=run_caption)
 
 
@@ -36,13 +39,16 @@ def run_caption(args: argparse.Namespace) -> int:
     """Caption every image of --images and write {stem: caption} to --out."""
     from tqdm.auto import tqdm
 
-    from captionlab.data import list_images, save_predictions
+    from captionlab.data import list_images
     from captionlab.models.captioner import load_captioner
+    from captionlab.parallel import gather_predictions, is_main, launched, process_state, shard, write_on_main
     from captionlab.utils import get_device
 
-    paths = list_images(args.images, check=False)
-    model = load_captioner(args.checkpoint, decoder=args.decoder, encoder=args.encoder,
-                           device=get_device(args.device))
+    state = process_state() if launched() else None  # under accelerate launch / torchrun: shard the images
+    paths = shard(list_images(args.images, check=False), state)
+    device = state.device if state is not None and args.device is None else get_device(args.device)
+    model = load_captioner(args.checkpoint, decoder=args.decoder, encoder=args.encoder, device=device,
+                           tokenizer=args.tokenizer)
     preds: dict[str, str] = {}
     for i in tqdm(range(0, len(paths), args.batch_size), desc="caption"):
         chunk = paths[i:i + args.batch_size]
@@ -50,8 +56,10 @@ def run_caption(args: argparse.Namespace) -> int:
                               max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
                               batch_size=args.batch_size)
         preds.update({p.stem: c for p, c in zip(chunk, caps)})
-    save_predictions(args.out, preds)
-    print(f"wrote {len(preds)} captions to {args.out}")
+    preds = gather_predictions(preds, state)
+    write_on_main(args.out, preds, state)
+    if is_main(state):
+        print(f"wrote {len(preds)} captions to {args.out}" + (f" ({state.num_processes} processes)" if state else ""))
     return 0
 
 
@@ -83,8 +91,9 @@ def _register_llava(sub: argparse._SubParsersAction) -> None:
 
 def run_llava(args: argparse.Namespace) -> int:
     """Caption `args.images` with LLaVA and write `args.out`."""
-    from captionlab.data import save_predictions
+    from captionlab.data import list_images
     from captionlab.models.llava import load_llava
+    from captionlab.parallel import gather_predictions, is_main, launched, process_state, shard, write_on_main
 
     generation: dict = {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams, "seed": args.seed}
     if args.repetition_penalty is not None:
@@ -93,8 +102,50 @@ def run_llava(args: argparse.Namespace) -> int:
         generation["do_sample"] = True
         if args.temperature is not None:
             generation["temperature"] = args.temperature
-    captioner = load_llava(args.model, device=args.device, load_in_4bit=args.load_in_4bit)
-    preds = captioner.caption_folder(args.images, args.prompt, generation, args.batch_size, args.system)
-    save_predictions(args.out, preds)
-    print(f"wrote {len(preds)} captions to {args.out}")
+    state = process_state() if launched() else None  # under accelerate launch / torchrun: shard the images
+    device = state.device if state is not None and args.device is None else args.device
+    captioner = load_llava(args.model, device=device, load_in_4bit=args.load_in_4bit)
+    stems = shard([p.stem for p in list_images(args.images, check=False)], state)
+    preds = captioner.caption_folder(args.images, args.prompt, generation, args.batch_size, args.system,
+                                     stems=stems) if stems else {}
+    preds = gather_predictions(preds, state)
+    write_on_main(args.out, preds, state)
+    if is_main(state):
+        print(f"wrote {len(preds)} captions to {args.out}" + (f" ({state.num_processes} processes)" if state else ""))
+    return 0
+
+
+def _register_prompt_study(sub: argparse._SubParsersAction) -> None:
+    """`captionlab prompt-study --params FILE --out DIR [--limit N]`: every prompt x generation config, scored."""
+    p = sub.add_parser("prompt-study", help="LLaVA prompt study (llava_prompts x llava_configs of a params file) "
+                                            "on p1 val: predictions per setting + CIDEr/CLIPScore table")
+    p.add_argument("--params", required=True, help="params file (llava_model, clip_model, data_root, llava_prompts, "
+                                                   "llava_configs, max_images)")
+    p.add_argument("--out", required=True, help="output folder (predictions per setting, prompt_study.csv/json)")
+    p.add_argument("--limit", type=int, default=None, help="first N images (default: params max_images, 0 = all)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--no-clip", action="store_true", help="skip CLIPScore")
+    p.set_defaults(func=run_prompt_study_cli)
+
+
+def run_prompt_study_cli(args: argparse.Namespace) -> int:
+    """Run the prompt study of a params file (data-parallel under accelerate launch / torchrun)."""
+    from pathlib import Path
+
+    from captionlab.models.llava import load_llava, run_prompt_study
+    from captionlab.params import load_params
+    from captionlab.parallel import is_main, launched, process_state
+
+    params = load_params(args.params)
+    state = process_state() if launched() else None
+    captioner = load_llava(params["llava_model"], device=state.device if state is not None else None)
+    root = Path(params["data_root"])
+    limit = args.limit if args.limit is not None else int(params.get("max_images") or 0)
+    table = run_prompt_study(captioner, root / "p1_data" / "images" / "val", root / "p1_data" / "val.json",
+                             params["llava_prompts"], params["llava_configs"], args.out,
+                             clip=None if args.no_clip else params.get("clip_model"), limit=limit or None,
+                             batch_size=args.batch_size, state=state)
+    if is_main(state):
+        print(table.to_string(index=False))
+        print(f"wrote {args.out}/prompt_study.csv" + (f" ({state.num_processes} processes)" if state else ""))
     return 0

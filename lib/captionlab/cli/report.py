@@ -18,7 +18,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--quick", action="store_true", help="small sizes (smoke test of the whole report)")
     run.add_argument("--hide-input", action="store_true", help="hide code cells in the HTML/PDF")
     run.add_argument("--no-pdf", action="store_true", help="HTML only")
+    run.add_argument("--skip-check", action="store_true", help="do not run the preflight check first")
     run.set_defaults(func=_run)
+
+    check = sub.add_parser("check", help="preflight: data, annotations, model specs, tokenizer, Java, Chromium, "
+                                         "device memory and run-time estimates (downloads and trains nothing)")
+    check.add_argument("--params", default="params/demo.yaml", help="params file (default: params/demo.yaml)")
+    check.add_argument("--only", default=None, help="comma-separated notebooks to check for (default: all)")
+    check.add_argument("--gpu", default=None, help="estimate for a reference GPU instead of this machine's "
+                                                   "(e.g. A100, T4, 'RTX 4090')")
+    check.add_argument("--no-pdf", action="store_true", help="Chromium missing is then only a warning")
+    check.set_defaults(func=_check)
 
     sweep = sub.add_parser("sweep", help="run one notebook per setting of a sweep file; write a comparison table")
     sweep.add_argument("sweep_file", help="e.g. params/sweeps/lora_rank.yaml")
@@ -28,11 +38,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     report.set_defaults(func=lambda args: (report.print_help(), 1)[1])
 
 
+def _preflight(params: str, only: str | None, pdf: bool, gpu: str | None = None):
+    from captionlab.report.preflight import preflight
+    from captionlab.report.runner import select_notebooks
+
+    names = [p.stem for p in select_notebooks(only)]
+    return preflight(params, notebooks=names, pdf=pdf, gpu=gpu)
+
+
+def _check(args: argparse.Namespace) -> int:
+    result = _preflight(args.params, args.only, not args.no_pdf, args.gpu)
+    print(result.table())
+    return 0 if result.ok else 1
+
+
 def _run(args: argparse.Namespace) -> int:
+    from captionlab.errors import ConfigError
     from captionlab.report.runner import run_report
+
+    if not args.skip_check:
+        result = _preflight(args.params, args.only, pdf=False)  # Chromium missing: the runner falls back to HTML
+        print(result.table(), file=sys.stderr)
+        if not result.ok:
+            raise ConfigError(f"preflight of {args.params} found {len(result.problems)} problem(s) (listed above); "
+                              "fix them or pass --skip-check")
 
     result = run_report(args.params, out_dir=args.out, notebooks=args.only, quick=args.quick,
                         pdf=not args.no_pdf, hide_input=args.hide_input)
+    from captionlab.report.stages import format_table
+
+    print(format_table(result.stages))
     print(f"report: {result.index}" + (f"\n   pdf: {result.pdf}" if result.pdf else ""))
     for note in result.warnings:
         print(f"warning: {note}", file=sys.stderr)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 from pathlib import Path
 
@@ -19,6 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--force", action="store_true", help="rebuild even if an up-to-date world exists")
     build.add_argument("--models", action="store_true", help="also train the tiny demo models (clip, gpt2, llava)")
+    build.add_argument("--rehearsal", action="store_true",
+                       help="build the rehearsal world instead: hw3_data-shaped photos + random-weight checkpoints "
+                            "at the real shapes (params/rehearsal.yaml; {cache}/rehearsal, ~3.5 GB)")
     build.set_defaults(func=_build)
     info = wsub.add_parser("info", help="print a built world's world.json summary and its models")
     info.add_argument("--root", type=Path, default=None)
@@ -35,8 +37,14 @@ def _root(args: argparse.Namespace) -> Path:
 
 def _build(args: argparse.Namespace) -> int:
     from captionlab.data import world
-    from captionlab.demo import MODEL_BUILDERS, ensure_model, ensure_world
+    from captionlab.demo import ensure_models, ensure_world
 
+    if args.rehearsal:
+        from captionlab.data.rehearsal import ensure_rehearsal
+
+        root = ensure_rehearsal(args.root, force=args.force)
+        print(f"rehearsal world: {root} (data: {root / 'hw3_data'}, models: {root / 'models'})")
+        return 0
     root = _root(args)
     if args.force:
         world.build_world(root, seed=args.seed)
@@ -46,16 +54,8 @@ def _build(args: argparse.Namespace) -> int:
     print(f"world: {root} (generator v{info['generator_version']}, seed {info['seed']}, "
           f"built in {info['build_seconds']} s)")
     if args.models:
-        for name in DEMO_MODELS:
-            module_name = MODEL_BUILDERS[name][0].split(":")[0]
-            try:
-                importlib.import_module(module_name)
-            except ModuleNotFoundError as exc:
-                if exc.name == module_name:
-                    print(f"model {name}: skipped ({module_name} is not available yet)")
-                    continue
-                raise
-            print(f"model {name}: {ensure_model(name, args.seed, root)}")
+        for name, path in ensure_models(DEMO_MODELS, args.seed, root).items():
+            print(f"model {name}: {path}")
     return 0
 
 

@@ -39,6 +39,7 @@ from captionlab.models.peft_wiring import (
 from captionlab.utils import dataclass_from_dict, atomic_write_json, save_safetensors_atomic
 
 WEIGHTS_NAME = "trainable.safetensors"
+EMPTY_CAPTION = "an image"  # = captionlab.models.llava.EMPTY_CAPTION
 CONDITIONINGS = ("prefix", "cross")
 CONFIG_NAME = "captioner.json"
 
@@ -47,6 +48,8 @@ CONFIG_NAME = "captioner.json"
 class CaptionerConfig:
     encoder: str  # encoder spec: timm:<name> | open_clip:<arch>:<tag> | hfclip:<dir>
     decoder: str  # decoder_model.bin | HF GPT-2 dir or id
+    tokenizer: str = ""  # GPT-2 tokenizer: a dir with encoder.json + vocab.bpe (the course's) or an HF tokenizer;
+    #                      empty: the files next to the decoder weights, else the cached HF gpt2 tokenizer
     projector: str = "mlp"  # linear | mlp
     conditioning: str = "prefix"  # prefix (visual tokens prepended in self-attention) | cross (gated cross-attn)
     cross_every: int = 1  # cross: a gated cross-attention layer in front of blocks 0, k, 2k, ...
@@ -98,6 +101,8 @@ class Captioner(nn.Module):
         overrides |= {"prefix_len": config.prefix_len} if config.peft == "prefix" else {}
         if self.cross:
             overrides |= {"cross_every": config.cross_every, "cross_dim": config.cross_dim}
+        if config.tokenizer:
+            overrides["tokenizer"] = config.tokenizer
         gpt, self.tokenizer = load_decoder(config.decoder, **overrides)
         self.decoder = wire_decoder(gpt, config.peft, config.lora_rank, config.lora_alpha, config.lora_dropout,
                                     config.lora_targets)
@@ -251,7 +256,9 @@ class Captioner(nn.Module):
                 seq = list(seq)
                 if tok.eos_token_id in seq:
                     seq = seq[:seq.index(tok.eos_token_id)]
-                out.append(tok.decode(seq, skip_special_tokens=True).strip())
+                # An immediate eos (an untrained or early checkpoint) gives the placeholder LLaVA uses, not an empty
+                # caption the evaluator would reject after hours of training.
+                out.append(tok.decode(seq, skip_special_tokens=True).strip() or EMPTY_CAPTION)
         self.train(was_training)
         return out
 
@@ -315,7 +322,8 @@ def read_checkpoint_config(path: str | os.PathLike) -> tuple[Path, CaptionerConf
 
 
 def load_captioner(path: str | os.PathLike, decoder: str | None = None, encoder: str | None = None,
-                   device: str | torch.device | None = None, verbose: bool = False) -> Captioner:
+                   device: str | torch.device | None = None, verbose: bool = False,
+                   tokenizer: str | None = None) -> Captioner:
     """Rebuild the frozen base from the checkpoint's specs (or the given ones) and load its trainable weights."""
     from safetensors.torch import load_file
 
@@ -324,6 +332,8 @@ def load_captioner(path: str | os.PathLike, decoder: str | None = None, encoder:
         cfg.decoder = str(decoder)
     if encoder:
         cfg.encoder = str(encoder)
+    if tokenizer:
+        cfg.tokenizer = str(tokenizer)
     model = Captioner(cfg, verbose=verbose)
     weights = ckpt / WEIGHTS_NAME
     if not weights.exists():

@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -21,6 +21,7 @@ SPECIAL_TOKENS = ("<pad>", "<unk>", "<|startoftext|>", "<|endoftext|>")  # ids 0
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = range(4)
 CONTEXT_LENGTH = 32
 IMAGE_SIZE = 64
+PATCH = 8
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 # Words the zero-shot / CLIPScore prompts may use beyond the world's captions (unknown words map to <unk>).
@@ -30,7 +31,10 @@ PROMPT_TEMPLATES = ("a photo of a {}", "a {}", "this is a photo of a {}", "a pic
 
 @dataclass
 class ClipTrainConfig:
-    """Architecture and optimisation of the tiny CLIP (2500 steps: ~640 s on one thread of a busy 2-core box)."""
+    """Architecture and optimisation of the tiny CLIP.
+
+    600 steps (was 2500): the whitened patch-embedding init and the mask-based per-patch loss get shape recognition
+    going early; measured 98.5 % pairwise retrieval / 92.3 % zero-shot (the 2500-step recipe: 98.8 % / 91.0 %)."""
 
     hidden: int = 128
     vision_layers: int = 4
@@ -40,12 +44,16 @@ class ClipTrainConfig:
     patch: int = 8
     projection_dim: int = 128
     batch_size: int = 64
-    steps: int = 2500
-    lr: float = 2e-3
+    steps: int = 600
+    lr: float = 3e-3
     weight_decay: float = 0.05
-    warmup: int = 100
+    warmup: int = 40
     cls_fraction: float = 0.75  # share of each batch drawn from the single-object classification images
     extra_cls_images: int = 8000  # fresh single-object scenes drawn in memory (50/class alone overfits)
+    patch_loss: float = 1.0  # weight of the auxiliary per-patch (colour shape | background) loss from the masks
+    whiten_patches: bool = True  # start the patch embedding from whitened principal patches of training images
+    sincos_positions: bool = False  # start the vision position embeddings from a 2-D sin-cos grid (MAE-style)
+    patch_object_weight: float = 5.0  # object pixels count this much more than background pixels in that loss
 
 
 # ----------------------------------------------------------------------------------------------- tokenizer
@@ -116,9 +124,11 @@ def _pixels(paths: list[Path]) -> np.ndarray:
     return out
 
 
-def load_training_data(world_root: Path) -> dict[str, Any]:
-    """p2 train images with their captions, and p1 classification images with their labels."""
-    from captionlab.data import load_captions, load_id2label, load_objects
+def load_training_data(world_root: Path, masks: bool = True) -> dict[str, Any]:
+    """p2 train images with their captions, and p1 classification images with their labels; with `masks`, the p2
+    images' per-patch class targets (`patch_targets`; the p1 images have no masks and get all-zero targets)."""
+    from captionlab.data import load_captions, load_id2label, load_mask, load_objects
+    from captionlab.data.world import CLASS_NAMES
 
     cs = load_captions(world_root / "p2_data" / "train.json")
     cap_paths = [cs.image_path(world_root / "p2_data" / "images" / "train", s) for s in cs.stems]
@@ -127,23 +137,45 @@ def load_training_data(world_root: Path) -> dict[str, Any]:
     cls_labels = [int(p.stem.split("_")[0]) for p in cls_paths]
     objects = load_objects(world_root / "p2_data" / "objects_train.json")
     present = [{(o["colour"], o["shape"]) for o in objects[s]} for s in cs.stems]
+    mask_dir = world_root / "p2_data" / "masks" / "train"
+    shape = (len(cs.stems), (IMAGE_SIZE // PATCH) ** 2, len(CLASS_NAMES) + 1)
+    cap_patches = (np.stack([patch_targets(load_mask(mask_dir / f"{s}.png"), objects[s]) for s in cs.stems])
+                   if masks else np.zeros(shape, dtype=np.uint8))
     return {"cap_pixels": _pixels(cap_paths), "captions": [cs.captions[s] for s in cs.stems], "cap_present": present,
-            "cls_pixels": _pixels(cls_paths), "cls_labels": cls_labels, "id2label": id2label}
+            "cap_patches": cap_patches, "cls_pixels": _pixels(cls_paths), "cls_labels": cls_labels,
+            "cls_patches": np.zeros((len(cls_paths),) + cap_patches.shape[1:], dtype=np.uint8), "id2label": id2label}
 
 
-def extra_single_object_images(n: int, seed: int) -> tuple[np.ndarray, list[int]]:
-    """`n` single-object scenes (label i % 20) from the world generator, in memory, on their own seed stream."""
+def patch_targets(mask: np.ndarray, objects: list[dict[str, Any]], patch: int = PATCH) -> np.ndarray:
+    """(patches, classes + 1) uint8 pixel counts of each class (colour shape; last column background) per patch."""
+    from captionlab.data.world import CLASS_NAMES
+
+    lut = np.full(256, len(CLASS_NAMES), dtype=np.int64)
+    for o in objects:
+        lut[int(o["id"])] = CLASS_NAMES.index(f"{o['colour']} {o['shape']}")
+    g = IMAGE_SIZE // patch
+    labels = lut[mask].reshape(g, patch, g, patch).transpose(0, 2, 1, 3).reshape(g * g, patch * patch)
+    k = len(CLASS_NAMES) + 1
+    flat = (labels + k * np.arange(g * g)[:, None]).ravel()
+    return np.bincount(flat, minlength=g * g * k).reshape(g * g, k).astype(np.uint8)
+
+
+def extra_single_object_images(n: int, seed: int) -> tuple[np.ndarray, list[int], np.ndarray]:
+    """`n` single-object scenes (label i % 20) from the world generator, in memory, on their own seed stream:
+    pixels, labels and per-patch targets."""
     from captionlab.data.world import CLASS_NAMES, SIZES, render_scene
 
     pix = np.empty((n, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+    patches = np.empty((n, (IMAGE_SIZE // PATCH) ** 2, len(CLASS_NAMES) + 1), dtype=np.uint8)
     labels = [i % len(CLASS_NAMES) for i in range(n)]
     for i in range(n):
         rng = np.random.default_rng([seed, 1000, i])
         colour, shape = CLASS_NAMES[labels[i]].split()
         size = list(SIZES)[int(rng.integers(len(SIZES)))]
-        img, _, _, _ = render_scene(rng, [(colour, shape, size, None)])
+        img, mask, objs, _ = render_scene(rng, [(colour, shape, size, None)])
         pix[i] = np.asarray(img).transpose(2, 0, 1)
-    return pix, labels
+        patches[i] = patch_targets(mask, [o.to_json() for o in objs])
+    return pix, labels, patches
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -174,6 +206,40 @@ def _features(out: Any) -> torch.Tensor:  # noqa: F821
 
 
 
+def init_patch_whitening(model: Any, pixels: np.ndarray, eps: float = 1e-2) -> None:
+    """Set the patch embedding to +/- whitened top principal components of the patches of `pixels` (N, 3, H, W) uint8
+    (the whitening initialisation of fast CIFAR training: edge and colour filters from step 0)."""
+    import torch
+
+    conv = model.vision_model.embeddings.patch_embedding
+    d, _, p, _ = conv.weight.shape
+    x = (torch.from_numpy(pixels).double() / 255 - torch.tensor(CLIP_MEAN, dtype=torch.float64).view(1, 3, 1, 1)) \
+        / torch.tensor(CLIP_STD, dtype=torch.float64).view(1, 3, 1, 1)
+    patches = x.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(-1, 3 * p * p)
+    vals, vecs = torch.linalg.eigh(torch.cov(patches.t()))  # ascending eigenvalues
+    k = d // 2
+    filters = (vecs[:, -k:] / (vals[-k:] + eps).sqrt()).t().reshape(k, 3, p, p)
+    with torch.no_grad():
+        conv.weight.copy_(torch.cat([filters, -filters]).to(conv.weight.dtype))
+
+
+def init_sincos_positions(model: Any) -> None:
+    """Overwrite the vision position embeddings with a 2-D sin-cos grid (CLS row 0), scaled to the default init's std."""
+    import torch
+
+    emb = model.vision_model.embeddings.position_embedding.weight
+    n, d = emb.shape[0] - 1, emb.shape[1]
+    g = int(round(n ** 0.5))
+    ys, xs = torch.meshgrid(torch.arange(g, dtype=torch.float64), torch.arange(g, dtype=torch.float64), indexing="ij")
+    omega = 1.0 / 10000 ** (torch.arange(d // 4, dtype=torch.float64) / (d // 4))
+    parts = [f(c.reshape(-1, 1) * omega) for c in (ys, xs) for f in (torch.sin, torch.cos)]
+    grid = torch.cat(parts, dim=1)
+    with torch.no_grad():
+        scale = emb.std() / grid.std()
+        emb[0].zero_()
+        emb[1:] = (grid * scale).to(emb.dtype)
+
+
 def _lr_at(step: int, cfg: ClipTrainConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -195,34 +261,67 @@ def train_tiny_clip(world_root: Path, out_dir: Path, seed: int, cfg: ClipTrainCo
 
 
 def _train(world_root: Path, out_dir: Path, seed: int, cfg: ClipTrainConfig) -> dict[str, Any]:
+    from captionlab.utils import atomic_write_json
+
+    t0 = time.time()
+    data = prepare_data(world_root, cfg, seed)
+    model, log = fit(data, cfg, seed)
+    train_seconds = time.time() - t0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    data["processor"].save_pretrained(out_dir)
+    log.update({"train_seconds": round(train_seconds, 1), "quality": clip_quality(model, data["processor"], world_root)})
+    atomic_write_json(out_dir / "train_log.json", log)
+    return log
+
+
+def prepare_data(world_root: Path, cfg: ClipTrainConfig, seed: int) -> dict[str, Any]:
+    """Training pixels, captions, labels and the tokenizer/processor built over their words."""
+    data = load_training_data(world_root, masks=cfg.patch_loss > 0)
+    extra_pix, extra_y, extra_patches = extra_single_object_images(cfg.extra_cls_images, seed)
+    data["cls_pixels"] = np.concatenate([data["cls_pixels"], extra_pix])
+    data["cls_labels"] = list(data["cls_labels"]) + extra_y
+    data["cls_patches"] = np.concatenate([data["cls_patches"], extra_patches])
+    labels = [data["id2label"][i] for i in sorted(data["id2label"])]
+    all_texts = [c for caps in data["captions"] for c in caps] + [t.format(lab) for t in PROMPT_TEMPLATES for lab in labels]
+    data["labels"] = labels
+    data["tokenizer"] = build_tokenizer(all_texts)
+    data["processor"] = build_processor(data["tokenizer"])
+    return data
+
+
+def fit(data: dict[str, Any], cfg: ClipTrainConfig, seed: int,
+        callback: Callable[[int, Any], None] | None = None) -> tuple[Any, dict[str, Any]]:
+    """Train a fresh tiny CLIP on prepared `data`; return the model (eval mode) and its training log.
+
+    `callback(step, model)`, if given, runs after every 100th step (e.g. to track quality while tuning)."""
     import torch
     import torch.nn.functional as F
     from tqdm.auto import tqdm
 
-    from captionlab.utils import atomic_write_json
-
-    t0 = time.time()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    data = load_training_data(world_root)
-    extra_pix, extra_y = extra_single_object_images(cfg.extra_cls_images, seed)
-    data["cls_pixels"] = np.concatenate([data["cls_pixels"], extra_pix])
-    data["cls_labels"] = list(data["cls_labels"]) + extra_y
-    labels = [data["id2label"][i] for i in sorted(data["id2label"])]
-    all_texts = [c for caps in data["captions"] for c in caps] + [t.format(lab) for t in PROMPT_TEMPLATES for lab in labels]
-    tokenizer = build_tokenizer(all_texts)
-    processor = build_processor(tokenizer)
+    labels, tokenizer = data["labels"], data["tokenizer"]
     model = build_model(cfg, vocab_size=len(tokenizer))
     model.train()
+    if cfg.sincos_positions:
+        init_sincos_positions(model)
+    if cfg.whiten_patches:
+        init_patch_whitening(model, data["cap_pixels"][rng.permutation(len(data["cap_pixels"]))[:500]])
+    # a throw-away linear head: every patch token predicts the class mix of its pixels (dense shape supervision)
+    patch_head = torch.nn.Linear(cfg.hidden, len(labels) + 1)
 
     cap_pix = torch.from_numpy(data["cap_pixels"])
     cls_pix = torch.from_numpy(data["cls_pixels"])
+    patch_t = torch.from_numpy(np.concatenate([data["cap_patches"], data["cls_patches"]])).float()
+    pixel_w = torch.tensor([cfg.patch_object_weight] * len(labels) + [1.0])
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     cls_present = [{tuple(labels[k].split())} for k in range(len(labels))]
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embedding" in n]
+    no_decay += list(patch_head.parameters())
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
     n_cls = round(cfg.batch_size * cfg.cls_fraction)
@@ -246,7 +345,8 @@ def _train(world_root: Path, out_dir: Path, seed: int, cfg: ClipTrainConfig) -> 
                         return_tensors="pt")
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg)
-        img = F.normalize(_features(model.get_image_features(pixel_values=pixels)), dim=-1)
+        vis = model.vision_model(pixel_values=pixels)
+        img = F.normalize(model.visual_projection(vis.pooler_output), dim=-1)
         txt = F.normalize(_features(model.get_text_features(**enc)), dim=-1)
         scale = model.logit_scale.exp()
         B = len(texts)
@@ -260,30 +360,30 @@ def _train(world_root: Path, out_dir: Path, seed: int, cfg: ClipTrainConfig) -> 
                       + F.cross_entropy(t2i, same[:, :B].t() / same[:, :B].t().sum(1, keepdim=True)))
         cls_logits = scale * img[n_cap:] @ t_cls.t()
         loss = loss + F.cross_entropy(cls_logits, torch.tensor(cls_y))  # zero-shot classification as a CE term
+        if cfg.patch_loss:
+            target = patch_t[torch.from_numpy(np.concatenate([ci, ki + len(cap_pix)]))] * pixel_w
+            logp = F.log_softmax(patch_head(vis.last_hidden_state[:, 1:]), dim=-1)
+            loss = loss + cfg.patch_loss * -(target * logp).sum() / target.sum().clamp(min=1)
         cls_acc.append(float((cls_logits.argmax(1) == torch.tensor(cls_y)).float().mean()))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(patch_head.parameters()), 1.0)
         opt.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        losses.append(float(loss))
+        losses.append(loss.item())
+        if callback is not None and (step + 1) % 100 == 0:
+            callback(step + 1, model)
+            model.train()
         if step % 20 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", zs_train=f"{np.mean(cls_acc[-20:]):.2f}")
     model.eval()
-    train_seconds = time.time() - t0
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    quality = clip_quality(model, processor, world_root)
-    log = {"seed": seed, "config": asdict(cfg), "train_seconds": round(train_seconds, 1),
+    log = {"seed": seed, "config": asdict(cfg),
            "loss_first": float(np.mean(losses[:20])), "loss_last": float(np.mean(losses[-20:])),
            "losses": [round(x, 4) for x in losses[::10]],
-           "train_zeroshot_acc": [round(float(np.mean(cls_acc[i:i + 10])), 3) for i in range(0, len(cls_acc), 10)], "quality": quality, "vocab_size": len(tokenizer),
-           "torch_threads": torch.get_num_threads()}
-    atomic_write_json(out_dir / "train_log.json", log)
-    return log
+           "train_zeroshot_acc": [round(float(np.mean(cls_acc[i:i + 10])), 3) for i in range(0, len(cls_acc), 10)],
+           "vocab_size": len(tokenizer), "torch_threads": torch.get_num_threads()}
+    return model, log
 
 
 # ----------------------------------------------------------------------------------------------- checks

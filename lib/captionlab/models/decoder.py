@@ -410,6 +410,14 @@ def load_tokenizer(source: Any, weights_dir: Path | None = None, vocab_size: int
     from transformers import AutoTokenizer
 
     tok = None
+    if source is not None and isinstance(source, (str, os.PathLike)):
+        src = Path(source)
+        if src.is_dir() and not (src / "tokenizer.json").exists() and not (src / "tokenizer_config.json").exists():
+            if not ((src / "encoder.json").exists() and (src / "vocab.bpe").exists()):
+                raise ConfigError(f"tokenizer {src}: no encoder.json + vocab.bpe, tokenizer.json or tokenizer_config.json")
+            source, weights_dir = None, src  # the course's encoder.json + vocab.bpe (the homework repo)
+        elif str(source).startswith(("/", ".", "~")) and not src.exists():
+            raise ConfigError(f"tokenizer {src}: directory does not exist")
     if source is not None and not isinstance(source, (str, os.PathLike)):
         tok = source
     elif source is not None:

@@ -288,7 +288,7 @@ def _subset(captions: "CaptionSet", stems: list[str]) -> "CaptionSet":  # noqa: 
 def run_prompt_study(captioner: LlavaCaptioner, images_dir: str | os.PathLike, annotations: Any,
                      prompts: list[str], configs: dict[str, dict], out_dir: str | os.PathLike,
                      clip: str | None = None, limit: int | None = None, batch_size: int = 8,
-                     system: str | None = None) -> "pd.DataFrame":  # noqa: F821
+                     system: str | None = None, state: Any | None = None) -> "pd.DataFrame":  # noqa: F821
     """Caption `images_dir` for every prompt x generation config; score CIDEr + CLIPScore; table sorted by CIDEr.
 
     `annotations` is a course annotation JSON (or CaptionSet); `limit` keeps its first `limit` images (sorted by
@@ -296,7 +296,10 @@ def run_prompt_study(captioner: LlavaCaptioner, images_dir: str | os.PathLike, a
 
     Writes `{out_dir}/{prompt_idx}_{config}.json` (predictions), `{prompt_idx}_{config}.generation_config.json`
     (GenerationConfig.save_pretrained) and `prompt_study.{csv,json}`.
+    `state` (`captionlab.parallel.process_state()` under accelerate launch / torchrun): each process captions its
+    shard of the images; the main process merges, scores and writes; every process returns the same table.
     """
+    from captionlab.parallel import gather_objects, gather_predictions, is_main, shard
     import pandas as pd
 
     from captionlab.data import CaptionSet, load_captions, save_predictions
@@ -319,8 +322,13 @@ def run_prompt_study(captioner: LlavaCaptioner, images_dir: str | os.PathLike, a
             tag = f"{p_idx}_{name}"
             config = captioner.generation_config(gen)
             t0 = time.time()
-            preds = captioner.caption_folder(images_dir, prompt, gen, batch_size, system, stems=stems, desc=tag)
+            mine = shard(stems, state)
+            preds = captioner.caption_folder(images_dir, prompt, gen, batch_size, system, stems=mine,
+                                             desc=tag) if mine else {}
+            preds = gather_predictions(preds, state)
             seconds = time.time() - t0
+            if not is_main(state):
+                continue
             save_predictions(out_dir / f"{tag}.json", preds)
             config.save_pretrained(out_dir, config_file_name=f"{tag}.generation_config.json")
             summary = evaluate(preds, captions, images_dir, clip=clip, metrics=("CIDEr", "CLIPScore")).summary
@@ -328,7 +336,11 @@ def run_prompt_study(captioner: LlavaCaptioner, images_dir: str | os.PathLike, a
                          "CIDEr": summary.get("CIDEr"), "CLIPScore": summary.get("CLIPScore"),
                          "mean_words": sum(len(c.split()) for c in preds.values()) / len(preds),
                          "n_images": len(preds), "seconds": round(seconds, 2)})
+    if not is_main(state):  # the main process scored and wrote everything: take its table
+        return pd.DataFrame([r for part in gather_objects(None, state) if part for r in part])
     table = pd.DataFrame(rows).sort_values("CIDEr", ascending=False, kind="stable").reset_index(drop=True)
+    if state is not None and state.num_processes > 1:
+        gather_objects(table.to_dict(orient="records"), state)
     with atomic_path(out_dir / "prompt_study.csv") as tmp:
         table.to_csv(tmp, index=False)
     atomic_write_json(out_dir / "prompt_study.json", {

@@ -77,6 +77,11 @@ def load_vit(spec: str, num_classes: int, pretrained: bool = True, **timm_kwargs
     if kind == "timm":
         import timm
 
+        weights = parsed.weights
+        if weights:  # timm:<name>@<file>: weights from a local safetensors / .bin (no hub), as for the encoder
+            if not Path(weights).is_file():
+                raise ConfigError(f"ViT spec {spec!r}: weights file {weights} does not exist")
+            timm_kwargs["pretrained_cfg_overlay"] = dict(file=str(weights))
         if not timm.is_model(name):
             raise ConfigError(f"ViT spec {spec!r}: unknown timm model {name!r} (see timm.list_models('vit_*'))")
         try:

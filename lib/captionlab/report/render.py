@@ -189,9 +189,23 @@ th{background:#f5f5f5} .ok{color:#1a7f37;font-weight:600} .failed{color:#cf222e;
 """
 
 
+def _stages_html(stages: Sequence[Any]) -> str:
+    if not stages:
+        return ""
+    rows = "".join(f"<tr><td>{html.escape(st.name)}</td><td>{'' if st.seconds is None else f'{st.seconds:.0f} s'}</td>"
+                   f"<td>{'ran' if st.ran else 'cached'}</td><td>{html.escape(st.detail)}</td></tr>" for st in stages)
+    total = sum(st.seconds or 0.0 for st in stages if st.ran)
+    return (f'<h2>Time per stage</h2><table class="stages"><thead><tr><th>Stage</th><th>Time</th><th>This run</th>'
+            f"<th></th></tr></thead><tbody>{rows}<tr><td><b>total (this run)</b></td><td><b>{total:.0f} s</b></td>"
+            "<td></td><td></td></tr></tbody></table><p><small>cached: built before this run (the time it took "
+            "then).</small></p>")
+
+
 def write_index(out_dir: str | Path, sections: Sequence[Section], title: str = "captionlab report",
-                info: dict[str, Any] | None = None, combined_pdf: Path | None = None) -> Path:
-    """Write `index.html` linking every section, with its headline metrics and the world they came from."""
+                info: dict[str, Any] | None = None, combined_pdf: Path | None = None,
+                stages: Sequence[Any] = ()) -> Path:
+    """Write `index.html` linking every section, with its headline metrics, the world they came from and the time
+    per stage (`captionlab.report.stages.Stage` rows: venv, world, each model, each notebook)."""
     out_dir = Path(out_dir)
     info = info or {}
     rows = []
@@ -207,6 +221,8 @@ def write_index(out_dir: str | Path, sections: Sequence[Section], title: str = "
             metrics += f'<div class="err">{html.escape(s.error)}</div>'
         css = {"ok": "ok", "failed": "failed"}.get(s.status, "not")
         secs = f"{s.seconds:.0f} s" if s.seconds is not None else ""
+        if s.extras.get("peak_memory_mb"):
+            secs += f", peak RSS {s.extras['peak_memory_mb'] / 1024:.1f} GB"
         links = " · ".join(x for x in (_link(s.html, out_dir, "HTML"), _link(s.pdf, out_dir, "PDF"),
                                        _link(s.notebook, out_dir, "notebook")) if x)
         first = _link(s.html, out_dir, name) or name
@@ -223,6 +239,6 @@ def write_index(out_dir: str | Path, sections: Sequence[Section], title: str = "
 <table><thead><tr><th>Section</th><th>Status</th><th>Headline</th><th>Files</th></tr></thead>
 <tbody>
 {chr(10).join(rows)}
-</tbody></table></body></html>
+</tbody></table>{_stages_html(stages)}</body></html>
 """
     return atomic_write_text(out_dir / "index.html", page)

@@ -22,6 +22,8 @@ from captionlab.errors import CaptionlabError, ConfigError
 from captionlab.params import load_config
 from captionlab.report import render
 from captionlab.report.context import repo_path
+from captionlab.report.memory import PeakMemory
+from captionlab.report.stages import Stage, build_stages, notebook_stages
 from captionlab.report.render import RenderError, Section
 from captionlab.utils import REPO_ROOT, atomic_write_json, git_commit
 
@@ -45,6 +47,7 @@ class ReportResult:
     pdf: Path | None = None
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    stages: list[Stage] = field(default_factory=list)  # time per stage (venv, world, models, notebooks)
 
 
 def notebook_path(name: str | Path) -> Path:
@@ -227,12 +230,14 @@ def run_report(params_file: str | Path, out_dir: str | Path | None = None,
         section.notebook = out / f"{path.stem}.ipynb"
         (out / path.stem / render.HEADLINE).unlink(missing_ok=True)  # never show a previous run's numbers
         try:
-            execute_notebook(path, section.notebook, notebook_parameters(path, run, per_notebook=cfg.per_notebook),
-                             kernel_name=kernel_name, progress=progress)
+            with PeakMemory() as mem:  # the kernel's resident memory, sampled while it runs
+                execute_notebook(path, section.notebook, notebook_parameters(path, run, per_notebook=cfg.per_notebook),
+                                 kernel_name=kernel_name, progress=progress)
             section.status = "ok"
         except NotebookError as exc:
             section.status, section.error, failure = "failed", str(exc), exc
         section.seconds = time.time() - t0
+        section.extras["peak_memory_mb"] = mem.peak_mb
         section.headline = render.read_headline(out / path.stem)
         if render_html:
             _render(section, out, hide_input, pdf, notes)
@@ -242,7 +247,8 @@ def run_report(params_file: str | Path, out_dir: str | Path | None = None,
     title = cfg.title or f"captionlab report — {params_path.stem}"
     info = {"params": _rel(params_path), "world": cfg.world, "quick": "yes" if quick else None,
             "git": (git_commit() or "")[:10], "total time": f"{time.time() - t_start:.0f} s"}
-    index = render.write_index(out, sections, title=title, info=info)
+    stages = [*build_stages(cfg.data_root, since=t_start), *notebook_stages(sections)]
+    index = render.write_index(out, sections, title=title, info=info, stages=stages)
     combined = None
     pdfs = [s.pdf for s in sections if s.pdf]
     if pdf and pdfs:  # one PDF: the index page as a cover, then every section
@@ -253,13 +259,14 @@ def run_report(params_file: str | Path, out_dir: str | Path | None = None,
             notes.append(str(exc))
             warnings.warn(str(exc), stacklevel=2)
         if combined:
-            index = render.write_index(out, sections, title=title, info=info, combined_pdf=combined)
+            index = render.write_index(out, sections, title=title, info=info, combined_pdf=combined, stages=stages)
     atomic_write_json(out / "report.json", {"params_file": str(params_path), "quick": quick, "notes": notes,
                                             "seconds": round(time.time() - t_start, 1),
-                                            "sections": [s.to_json() for s in sections]})
+                                            "sections": [s.to_json() for s in sections],
+                                            "stages": [st.to_json() for st in stages]})
     if failure:
         raise NotebookError(f"{failure}\n  report so far: {index}")
-    return ReportResult(out, sections, index, combined, time.time() - t_start, notes)
+    return ReportResult(out, sections, index, combined, time.time() - t_start, notes, stages)
 
 
 def _rel(path: Path) -> str:

@@ -46,7 +46,7 @@ class TrainConfig:
 
 
 # RunConfig field -> CaptionerConfig / TrainConfig field (the run configuration's names are the public ones).
-CAPTIONER_KEYS = {"encoder": "encoder", "decoder": "decoder", "peft": "peft", "conditioning": "conditioning",
+CAPTIONER_KEYS = {"encoder": "encoder", "decoder": "decoder", "tokenizer": "tokenizer", "peft": "peft", "conditioning": "conditioning",
                   "cross_every": "cross_every", "cross_dim": "cross_dim", "rank": "lora_rank",
                   "lora_alpha": "lora_alpha", "trainable_budget": "trainable_budget"}
 TRAIN_KEYS = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "seed": "seed",

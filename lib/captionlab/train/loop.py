@@ -61,7 +61,8 @@ def _accelerator(cfg: TrainConfig):
 
     mp = cfg.mixed_precision
     if mp == "auto":
-        mp = "bf16" if torch.cuda.is_available() else "no"
+        forced_bf16 = os.environ.get("CAPTIONLAB_DTYPE", "").strip() == "bfloat16"  # the rehearsal's bf16 run
+        mp = "bf16" if torch.cuda.is_available() or forced_bf16 else "no"
     cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
     return Accelerator(cpu=cpu, mixed_precision=mp)
 
