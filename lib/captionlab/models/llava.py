@@ -9,11 +9,12 @@ world's tiny LLaVA (`captionlab.demo.ensure_model("llava")`):
     preds = captioner.caption_folder("p1_data/images/val", prompt)  # {stem: caption}
     table = run_prompt_study(captioner, images_dir, "p1_data/val.json", prompts, configs, "runs/prompts")
 
-Decoding is driven by a `GenerationConfig`. Greedy and beam search (max_new_tokens, num_beams,
-repetition_penalty, length_penalty, min_new_tokens for greedy) run through `captionlab.decode`'s batched
-KV-cache loop with `HFDecoder`, which `make bench` (llava_decode rows) measured faster than HF `generate` on
-the demo LLaVA and on a 576-image-token LLaVA; it yields the same tokens. Everything else (sampling,
-no_repeat_ngram_size, stop strings, several eos ids, ...) goes to HF `generate` with the same config.
+Decoding is driven by a `GenerationConfig`. Greedy search (max_new_tokens, repetition_penalty, min_new_tokens)
+and beam search (num_beams, length_penalty) run through `captionlab.decode`'s batched KV-cache loop with
+`HFDecoder`, which `make bench` (llava_decode rows) measured faster than HF `generate` on the demo LLaVA and on
+a 576-image-token LLaVA; it yields HF generate's tokens. Everything else (sampling, beam search with a repetition
+penalty, which HF applies to log-probabilities, no_repeat_ngram_size, several eos ids, ...) goes to HF
+`generate` with the same config.
 """
 
 from __future__ import annotations
@@ -199,6 +200,8 @@ class LlavaCaptioner:
             config.num_return_sequences in (None, 1),
             config.early_stopping in (None, False),
             (config.num_beams or 1) == 1 or not config.min_new_tokens,
+            # HF beam search applies the penalty to log-probabilities, our loop to logits: different beams
+            (config.num_beams or 1) == 1 or config.repetition_penalty in (None, 1.0),
             config.min_length in (None, 0),
         ]
         benign = {"do_sample": False, "early_stopping": False, "no_repeat_ngram_size": 0, "num_return_sequences": 1,
