@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from captionlab.models.llava import load_llava
+from PIL import Image
 
 CONFIGS = [{"max_new_tokens": 24}, {"max_new_tokens": 24, "repetition_penalty": 1.3},
            {"max_new_tokens": 24, "num_beams": 3},
@@ -25,9 +24,8 @@ def demo(demo_llava):
 
 @pytest.fixture(scope="module")
 def llava576(tmp_path_factory):
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
-
     from captionlab.models.llava_train import save_random_llava
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     out = save_random_llava(tmp_path_factory.mktemp("llava576"), seed=1, image_size=336, patch_size=14)
     cfg = LlavaConfig.from_pretrained(out)
@@ -78,7 +76,7 @@ def test_576_token_llava_our_loop_equals_hf_generate(llava576, generation):
 
 
 def test_options_our_loop_lacks_go_to_hf_generate(demo, demo_world):
-    backend = lambda g: demo.decoding_backend(demo.generation_config(g))  # noqa: E731
+    backend = lambda g: demo.decoding_backend(demo.generation_config(g))
     assert backend({"num_beams": 3, "length_penalty": 0.7}) == "ours"
     assert backend({"min_new_tokens": 2}) == "ours"
     for generation in ({"do_sample": True, "top_p": 0.9}, {"no_repeat_ngram_size": 2},

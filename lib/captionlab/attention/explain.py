@@ -14,8 +14,9 @@ Methods:
 Rollout and relevancy run over self-attention between the sequence tokens (learned prefix-tuning keys, which
 have no query rows, are dropped); with cross-attention conditioning only `raw` and `grad` apply.
 
-Backends: the PEFT captioner (our GPT's per-layer `capture` hook) and HF LLaVA (the language model switched to
-eager attention with `set_attn_implementation` for the forward, restored afterwards, `output_attentions=True`).
+Backends: the PEFT captioner (our GPT's per-layer `capture` hook) and HF LLaVA (the capture package's
+`hf_capture`: every language-model layer computes its probabilities explicitly, with gradients, through the
+registered attention function; the vision tower keeps sdpa).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from PIL import Image
 from torch import Tensor
 
 from captionlab.attention.capture import (AttentionResult, gpt_attention_modules, gpt_capture, is_llava,
-                                          llava_decoder_layers, merge_words)
+                                          hf_capture, llava_attention_modules, merge_words)
 from captionlab.attention.grids import Heads, center_crop_square, image_token_span, infer_grid
 from captionlab.errors import ConfigError
 
@@ -104,22 +105,6 @@ def _captioner_forward(cap: Any, images: list[Image.Image], ids: list[int], keep
     return out.logits, [atts[j] for j in sorted(atts)], rows
 
 
-@contextmanager
-def eager_attention(model: torch.nn.Module) -> Iterator[None]:
-    """Run an HF model with eager attention (weights returned) inside the block; every (sub-)config's previous
-    implementation is restored afterwards, also on errors (`set_attn_implementation` mutates shared configs)."""
-    names = ["", *getattr(model.config, "sub_configs", {})]
-    before = {n: (model.config if not n else getattr(model.config, n))._attn_implementation for n in names}
-    if set(before.values()) == {"eager"}:
-        yield
-        return
-    model.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(before)
-
-
 def _llava_forward(llava: Any, images: list[Image.Image], ids: list[int], prompt: str, system: str | None,
                    keep: bool) -> tuple[Tensor, list[Tensor], Tensor, tuple[int, int], tuple[int, int]]:
     """(logits, per-layer attention if keep, rows, image span, grid) of LLaVA prompt + caption."""
@@ -132,11 +117,13 @@ def _llava_forward(llava: Any, images: list[Image.Image], ids: list[int], prompt
     vcfg = llava.model.config.vision_config
     grid = infer_grid(span[1] - span[0], (vcfg.image_size // vcfg.patch_size,) * 2)
     if keep:
-        with eager_attention(llava.model):
-            out = llava.model(**inputs, use_cache=False, output_attentions=True)
-        atts = list(out.attentions)
-        if len(atts) != len(llava_decoder_layers(llava.model)) or any(a is None for a in atts):
-            raise RuntimeError("LLaVA returned no attention weights for some layers (not eager?)")
+        modules = llava_attention_modules(llava.model)
+        kept: dict[int, Tensor] = {}
+        with hf_capture(modules, {i: (lambda p, i=i: kept.__setitem__(i, p)) for i in range(len(modules))}):
+            out = llava.model(**inputs, use_cache=False)
+        if sorted(kept) != list(range(len(modules))):
+            raise RuntimeError(f"LLaVA: attention captured for layers {sorted(kept)} of {len(modules)}")
+        atts = [kept[i] for i in range(len(modules))]
     else:
         out = llava.model(**inputs, use_cache=False)
         atts = []
