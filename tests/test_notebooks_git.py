@@ -72,3 +72,15 @@ def test_notebook_executed_and_saved_in_place_stages_without_outputs(scratch_rep
     changed = [line for line in diff if line[:1] in "+-" and not line.startswith(("+++", "---"))]
     assert len(changed) == 2 and changed[0].startswith('-    "run_dir = None ') and changed[1].startswith(
         f'+    "run_dir = \\"{tmp_path / "run"}\\" '), diff  # only the edited parameter line
+
+
+def test_committed_notebooks_are_what_the_filter_stores(scratch_repo: Path):
+    """Every notebook in HEAD is a fixed point of the clean filter: a fresh clone shows no spurious change."""
+    tracked = git(REPO_ROOT, "ls-files", "notebooks/*.ipynb").split()
+    assert tracked
+    for rel in tracked:
+        blob = git(REPO_ROOT, "show", f"HEAD:{rel}")
+        probe = scratch_repo / "notebooks" / Path(rel).name
+        probe.write_text(blob, encoding="utf-8")
+        assert staged_text(scratch_repo, probe) == blob, f"{rel}: committed without the nbstripout filter " \
+                                                         "(run `make git-filters`, then `git add --renormalize`)"
