@@ -64,7 +64,22 @@ def _accelerator(cfg: TrainConfig):
         forced_bf16 = os.environ.get("CAPTIONLAB_DTYPE", "").strip() == "bfloat16"  # the rehearsal's bf16 run
         mp = "bf16" if torch.cuda.is_available() or forced_bf16 else "no"
     cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    _release_single_process_state(mp)
     return Accelerator(cpu=cpu, mixed_precision=mp)
+
+
+def _release_single_process_state(mixed_precision: str) -> None:
+    """Let a second training in one process (a notebook, a test session) use another mixed precision.
+
+    accelerate keeps one process-wide state and refuses a different `mixed_precision` later; in a single,
+    non-distributed process nothing else depends on it, so it is reset. A distributed launch is left alone.
+    """
+    from accelerate.state import AcceleratorState, PartialState
+
+    if not AcceleratorState._shared_state or PartialState().num_processes > 1:
+        return
+    if str(AcceleratorState().mixed_precision) != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 # ------------------------------------------------------------------------------------------- training
