@@ -64,14 +64,15 @@ java:
 
 # Headless Chromium prints the HTML report to PDF; without it the report is HTML only (with a warning).
 chromium:
-	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || command -v google-chrome >/dev/null 2>&1; then :; \
+	@if (command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || command -v google-chrome >/dev/null 2>&1) \
+	    && command -v pdfunite >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	  echo "Installing chromium and poppler-utils for PDF rendering..."; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium poppler-utils >/dev/null) \
 	  || echo "WARNING: could not install chromium; reports will be HTML only."; \
 	else echo "WARNING: chromium is missing (sudo apt-get install chromium); reports will be HTML only."; fi
 
-test: venv
+test: venv chromium
 	$(PY) -m pytest -q --durations=20 $(PYTEST_ARGS)
 
 # The edit-test loop: no demo model builds (tiny random models and the generated data only), under 3 min on 2 cores.
