@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,7 +42,7 @@ def run_caption(args: argparse.Namespace) -> int:
 
     from captionlab.data import list_images
     from captionlab.models.captioner import load_captioner
-    from captionlab.parallel import gather_predictions, is_main, launched, process_state, shard, write_on_main
+    from captionlab.parallel import launched, process_state, shard
     from captionlab.utils import get_device
 
     state = process_state() if launched() else None  # under accelerate launch / torchrun: shard the images
@@ -56,11 +57,7 @@ def run_caption(args: argparse.Namespace) -> int:
                               max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
                               batch_size=args.batch_size)
         preds.update({p.stem: c for p, c in zip(chunk, caps)})
-    preds = gather_predictions(preds, state)
-    write_on_main(args.out, preds, state)
-    if is_main(state):
-        print(f"wrote {len(preds)} captions to {args.out}" + (f" ({state.num_processes} processes)" if state else ""))
-    return 0
+    return _write_predictions(args.out, preds, state)
 
 
 # ------------------------------------------------------------------------------------------------ llava
@@ -93,7 +90,7 @@ def run_llava(args: argparse.Namespace) -> int:
     """Caption `args.images` with LLaVA and write `args.out`."""
     from captionlab.data import list_images
     from captionlab.models.llava import load_llava
-    from captionlab.parallel import gather_predictions, is_main, launched, process_state, shard, write_on_main
+    from captionlab.parallel import launched, process_state, shard
 
     generation: dict = {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams, "seed": args.seed}
     if args.repetition_penalty is not None:
@@ -108,11 +105,7 @@ def run_llava(args: argparse.Namespace) -> int:
     stems = shard([p.stem for p in list_images(args.images, check=False)], state)
     preds = captioner.caption_folder(args.images, args.prompt, generation, args.batch_size, args.system,
                                      stems=stems) if stems else {}
-    preds = gather_predictions(preds, state)
-    write_on_main(args.out, preds, state)
-    if is_main(state):
-        print(f"wrote {len(preds)} captions to {args.out}" + (f" ({state.num_processes} processes)" if state else ""))
-    return 0
+    return _write_predictions(args.out, preds, state)
 
 
 def _register_prompt_study(sub: argparse._SubParsersAction) -> None:
@@ -148,4 +141,15 @@ def run_prompt_study_cli(args: argparse.Namespace) -> int:
     if is_main(state):
         print(table.to_string(index=False))
         print(f"wrote {args.out}/prompt_study.csv" + (f" ({state.num_processes} processes)" if state else ""))
+    return 0
+
+
+def _write_predictions(out: str, preds: dict[str, str], state: Any) -> int:
+    """Merge every process's predictions, write one JSON from the main process and say so."""
+    from captionlab.parallel import gather_predictions, is_main, write_on_main
+
+    preds = gather_predictions(preds, state)
+    write_on_main(out, preds, state)
+    if is_main(state):
+        print(f"wrote {len(preds)} captions to {out}" + (f" ({state.num_processes} processes)" if state else ""))
     return 0
