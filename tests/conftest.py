@@ -14,14 +14,67 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("CAPTIONLAB_CACHE", str(Path(__file__).resolve().parents[1] / ".cache"))
 
 
-DEMO_MODEL_FIXTURES = {"demo_clip", "demo_gpt2", "demo_llava", "demo_captioner"}
+DEMO_MODEL_FIXTURES = {"demo_clip", "demo_gpt2", "demo_llava", "demo_captioner", "demo_cross_captioner"}
+LLAVA_FIXTURES = {"demo_llava"}
+
+
+def _needs(item: pytest.Item) -> set[str]:
+    return DEMO_MODEL_FIXTURES & set(getattr(item, "fixturenames", ()))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests that need a trained demo model (built on first use: minutes on CPU) get the `demo_models` marker."""
+    """Tests that need a trained demo model (built on first use: minutes on CPU) get the `demo_models` marker, and
+    run after the tests that need none (those without LLaVA first), so the cores have work while the models build."""
     for item in items:
-        if DEMO_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+        if _needs(item):
             item.add_marker(pytest.mark.demo_models)
+    stage = {id(it): (2 if _needs(it) & LLAVA_FIXTURES else 1) if _needs(it) else 0 for it in items}
+    items.sort(key=lambda it: stage[id(it)])  # stable: file order within a stage
+
+
+_BUILD_GUARD: list = []
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """When selected tests need demo models that are not built yet, build them in the background (one builder for
+    all xdist workers: a non-blocking lock) while the other tests run; fixtures wait for it through the models' own
+    file locks. The builder keeps normal priority and the test processes step down a little, so the builds (the
+    critical path) are not starved."""
+    if not any(_needs(it) for it in session.items):
+        return
+    import fcntl
+    import subprocess
+    import sys
+
+    from captionlab.demo import is_built, world_root
+
+    if all(is_built(n) for n in ("clip", "gpt2", "llava")):
+        return
+    root = world_root(0)
+    root.mkdir(parents=True, exist_ok=True)
+    guard = open(root.parent / ".background-build.lock", "a+")
+    try:
+        fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # another worker launched it
+        guard.close()
+    else:
+        log = open(root.parent / "background-build.log", "a")
+        proc = subprocess.Popen([sys.executable, "-m", "captionlab.cli", "world", "build", "--models"],
+                                stdout=log, stderr=subprocess.STDOUT, pass_fds=(guard.fileno(),))
+        _BUILD_GUARD.extend([guard, log, proc])
+    try:
+        os.nice(3)
+    except OSError:
+        pass
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Wait for the background model build (if this process started it) and release its guard."""
+    if _BUILD_GUARD:
+        guard, log, proc = _BUILD_GUARD
+        proc.wait()
+        guard.close()
+        log.close()
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -97,18 +150,41 @@ def tiny_captioner_models(demo_world: Path, tmp_path_factory: pytest.TempPathFac
     return {"encoder": f"hfclip:{out / 'clip'}", "decoder": str(out / "gpt2"), "root": str(out)}
 
 
-@pytest.fixture(scope="session")
-def demo_captioner(demo_world: Path, demo_clip: Path, demo_gpt2: Path, tmp_path_factory: pytest.TempPathFactory):
-    """A LoRA captioner (rank 4, <1 % of the decoder) trained 2 epochs on 2400 demo images: (history, best ckpt)."""
+def _trained_captioner(name: str, demo_world: Path, **captioner: object) -> tuple[dict, Path]:
+    """Train a captioner on 2400 demo images for 2 epochs (LoRA rank 4) once: cached by its full configuration and
+    the world's and models' fingerprints (captionlab.resultcache), so xdist workers and reruns share one training."""
+    from dataclasses import asdict
+
     from captionlab.models.captioner import CaptionerConfig
+    from captionlab.resultcache import ResultCache
     from captionlab.train import TrainConfig, train
 
-    out = tmp_path_factory.mktemp("demo_captioner")
-    cap = CaptionerConfig(encoder=f"hfclip:{demo_clip}", decoder=str(demo_gpt2 / "decoder_model.bin"),
-                          peft="lora", lora_rank=4, lora_dropout=0.0)
-    cfg = TrainConfig(train_images=2400, eval_images=100, batch_size=32, epochs=2, lr=5e-3, warmup_steps=10,
-                      out_dir=str(out))
-    return train(cap, cfg, demo_world), out / "best"
+    models = demo_world / "models"
+    cap = CaptionerConfig(encoder=f"hfclip:{models / 'clip'}", decoder=str(models / "gpt2" / "decoder_model.bin"),
+                          peft="lora", lora_rank=4, lora_dropout=0.0, **captioner)
+    train_kw = dict(train_images=2400, eval_images=100, batch_size=32, epochs=2, lr=5e-3, warmup_steps=10)
+
+    def compute(out: Path) -> dict:
+        return {"history": train(cap, TrainConfig(**train_kw, out_dir=str(out)), demo_world), "best": str(out / "best")}
+
+    p2 = demo_world / "p2_data"
+    res = ResultCache().run(f"test-captioner-{name}", {"captioner": asdict(cap), "train": train_kw}, compute,
+                            inputs=[p2 / "train.json", p2 / "val.json", models / "clip", models / "gpt2"],
+                            listings=[p2 / "images"])
+    return res.value["history"], Path(res.value["best"])
+
+
+@pytest.fixture(scope="session")
+def demo_captioner(demo_world: Path, demo_clip: Path, demo_gpt2: Path) -> tuple[dict, Path]:
+    """A LoRA captioner (rank 4, <1 % of the decoder), prefix conditioning: (history, best checkpoint dir)."""
+    return _trained_captioner("prefix", demo_world)
+
+
+@pytest.fixture(scope="session")
+def demo_cross_captioner(demo_world: Path, demo_clip: Path, demo_gpt2: Path) -> tuple[dict, Path]:
+    """params/demo.yaml's captioner for attention: cross-attention conditioning, no CLS (the 8x8 grid only), linear
+    projector (each visual token stays a linear image of its own patch): (history, best checkpoint dir)."""
+    return _trained_captioner("cross", demo_world, conditioning="cross", use_cls=False, projector="linear")
 
 
 @pytest.fixture(scope="session")

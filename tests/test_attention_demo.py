@@ -70,19 +70,11 @@ def test_demo_llava_grid_and_words(demo_world, demo_llava):
 
 
 @pytest.fixture(scope="module")
-def cross_captioner(demo_world, demo_clip, demo_gpt2, tmp_path_factory):
-    """The demo configuration of params/demo.yaml for attention: cross-attention conditioning, no CLS (8x8 grid),
-    linear projector (each visual token stays a linear image of its own patch)."""
-    from captionlab.models.captioner import CaptionerConfig, load_captioner
-    from captionlab.train import TrainConfig, train
+def cross_captioner(demo_cross_captioner):
+    """params/demo.yaml's attention configuration (conftest: cross-attention, no CLS, linear projector), loaded."""
+    from captionlab.models.captioner import load_captioner
 
-    out = tmp_path_factory.mktemp("cross_captioner")
-    cap = CaptionerConfig(encoder=f"hfclip:{demo_clip}", decoder=str(demo_gpt2 / "decoder_model.bin"), peft="lora",
-                          lora_rank=4, lora_dropout=0.0, conditioning="cross", use_cls=False, projector="linear")
-    cfg = TrainConfig(train_images=2400, eval_images=100, batch_size=32, epochs=2, lr=5e-3, warmup_steps=10,
-                      out_dir=str(out))
-    train(cap, cfg, demo_world)
-    return load_captioner(out / "best")
+    return load_captioner(demo_cross_captioner[1])
 
 
 @pytest.mark.slow

@@ -104,6 +104,11 @@ def ensure_models(names: Iterable[str], seed: int = 0, root: Path | None = None,
     return {n: ensure_model(n, seed, root) for n in names}
 
 
+def is_built(name: str, seed: int = 0, root: Path | None = None) -> bool:
+    """Whether the demo model `name` is built and current (its marker holds the builder's key)."""
+    return _is_built(name, Path(root) if root else world_root(seed))
+
+
 def _is_built(name: str, root: Path) -> bool:
     marker = root / "models" / name / MARKER
     return marker.exists() and json.loads(marker.read_text()).get("key") == build_key(name)
