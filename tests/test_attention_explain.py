@@ -141,6 +141,97 @@ def test_captioner_relevancy_equals_independent_autograd(tiny_dirs):
         np.testing.assert_allclose(w, per["relevancy", 1].maps[g].mean(0), atol=1e-7)
 
 
+def _cross_captioner(tiny_dirs):
+    from captionlab.models.captioner import Captioner, CaptionerConfig
+
+    clip_dir, gpt_dir = tiny_dirs
+    torch.manual_seed(2)
+    cfg = CaptionerConfig(encoder=f"hfclip:{clip_dir}", decoder=str(gpt_dir), peft="lora", conditioning="cross",
+                          use_cls=False, projector="linear", max_caption_tokens=8)
+    model = Captioner(cfg, verbose=False).eval()
+    with torch.no_grad():  # random trainable weights, gates open: the image reaches the logits
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+        for name, p in model.named_parameters():
+            if "gate_" in name:
+                p.fill_(0.5)
+    return model
+
+
+def _reference_cross_relevancy(model, image, ids):
+    """Hand-written forward of the cross-conditioned GPT with retain_grad on every cross- and self-attention
+    matrix, .backward() of each token's logit, then Chefer et al.'s encoder-decoder rules written out per block:
+    [per token: ([text-image relevancy (T, V) after each block], [gradient-weighted cross-attention (T, V)])]."""
+    from captionlab.models.decoder import GPT
+
+    gpt = next(m for m in model.decoder.modules() if isinstance(m, GPT))
+    vis = model.visual_embeds(pixel_values=model.encoder.preprocess([image])).detach()
+    toks = torch.tensor([[model.tokenizer.bos_token_id] + list(ids)])
+    out = []
+    for t in range(len(ids)):
+        x = gpt.transformer.wte(toks)
+        B, T, C = x.shape
+        V = vis.shape[1]
+        x = x + gpt.transformer.wpe(torch.arange(T))[None]
+        layers = []  # (cross attention, self attention) per block
+        for block in gpt.transformer.h:
+            ca = block.crossattn
+            H, d = ca.n_head, ca.head_dim
+            q = ca.q(ca.ln_1(x)).view(B, T, H, d).transpose(1, 2)
+            k, v = (z.view(B, V, H, d).transpose(1, 2) for z in ca.kv(vis).split(ca.dim, dim=2))
+            c = (q @ k.transpose(-1, -2) / math.sqrt(d)).softmax(-1)
+            c.retain_grad()
+            x = x + torch.tanh(ca.gate_attn) * ca.out((c @ v).transpose(1, 2).reshape(B, T, ca.dim))
+            x = x + torch.tanh(ca.gate_ff) * ca.ff(ca.ln_2(x))
+            h = block.ln_1(x)
+            Hs = block.attn.n_head
+            q, k, v = (z.view(B, T, Hs, C // Hs).transpose(1, 2) for z in block.attn.c_attn(h).split(C, dim=2))
+            s = (q @ k.transpose(-1, -2) / math.sqrt(C // Hs)).masked_fill(
+                torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+            a = s.softmax(-1)
+            a.retain_grad()
+            x = x + block.attn.c_proj((a @ v).transpose(1, 2).reshape(B, T, C))
+            x = x + block.mlp(block.ln_2(x))
+            layers.append((c, a))
+        gpt.lm_head(gpt.transformer.ln_f(x))[0, t, ids[t]].backward()
+        R_tt, R_ti, per_block, cams = torch.eye(T), torch.zeros(T, V), [], []
+        for c, a in layers:
+            cam_c = (c.grad[0] * c.detach()[0]).clamp(min=0).mean(0)
+            extra = R_tt - torch.eye(T)
+            R_bar = extra / extra.sum(-1, keepdim=True).clamp(min=1e-12) + torch.eye(T)
+            R_ti = R_ti + R_bar.T @ cam_c
+            cams.append(cam_c)
+            cam_s = (a.grad[0] * a.detach()[0]).clamp(min=0).mean(0)
+            R_ti, R_tt = R_ti + cam_s @ R_ti, R_tt + cam_s @ R_tt
+            per_block.append(R_ti.clone())
+        out.append((per_block, cams))
+        gpt.zero_grad(set_to_none=True)
+    return out
+
+
+def test_cross_captioner_relevancy_equals_independent_autograd(tiny_dirs):
+    model = _cross_captioner(tiny_dirs)
+    img = _images(1, seed=5)[0]
+    ids = model.tokenizer("a red circle on the left", add_special_tokens=False)["input_ids"]
+    per = explain_all(model, img, ids, methods=["raw", "grad", "relevancy"], unit="tokens")
+    assert {m for m, _ in per} == {"raw", "grad", "relevancy"}
+    ref = _reference_cross_relevancy(model, img, ids)
+    for t in range(len(ids)):
+        for j in (0, 1):
+            rel, cams = ref[t]
+            np.testing.assert_allclose(per["relevancy", j].maps[t], rel[j][t].reshape(8, 8).numpy(), atol=1e-6,
+                                       rtol=1e-4)
+            np.testing.assert_allclose(per["grad", j].maps[t], cams[j][t].reshape(8, 8).numpy(), atol=1e-6,
+                                       rtol=1e-4)
+    assert per["grad", 0].maps.max() > 0  # the logit is differentiated through the cross-attention maps
+    # relevancy reaches a token through earlier rows' cross-attention: it differs from the token's own row
+    assert per["relevancy", 1].maps.max() > 0
+    assert not np.allclose(per["relevancy", 1].maps, per["grad", 1].maps)
+    with pytest.raises(ConfigError, match="prefix"):
+        explain(model, img, ids, method="rollout", layer=0)
+
+
 def test_llava_relevancy_equals_eager_model_backward(tiny_llava_dir, tiny_llava):
     from captionlab.models.llava import load_llava
 

@@ -12,7 +12,11 @@ Methods:
 - `grad`: one layer's gradient-weighted attention E_h[(dy_t/dA * A)^+] (y_t = the logit of token t).
 - `relevancy` (Chefer et al. 2021, self-attention rule): R = I; for layers 0..`layer`: R += E_h[(dy_t/dA * A)^+] R.
 Rollout and relevancy run over self-attention between the sequence tokens (learned prefix-tuning keys, which
-have no query rows, are dropped); with cross-attention conditioning only `raw` and `grad` apply.
+have no query rows, are dropped). With cross-attention conditioning `raw`, `grad` and `relevancy` apply, the
+latter by Chefer et al.'s encoder-decoder rules: text self-relevancy R_tt = I and text-image relevancy R_ti = 0;
+a cross-attention layer adds R_tt'^T Abar_ti (R_tt' = R_tt with its residual part row-normalised), the decoder's
+self-attention then propagates both (R_tt += Abar_tt R_tt, R_ti += Abar_tt R_ti); the map at cross layer j is
+R_ti after the decoder blocks up to the next cross layer (the last one: after the whole decoder).
 
 Backends: the PEFT captioner (our GPT's per-layer `capture` hook) and HF LLaVA (the capture package's
 `hf_capture`: every language-model layer computes its probabilities explicitly, with gradients, through the
@@ -57,7 +61,9 @@ class Trace:
     key_offset: int  # leading key columns without query rows (prefix tuning), dropped for rollout/relevancy
     grid: tuple[int, int]
     image: Image.Image
-    self_attention: bool  # False for cross-attention layers (no rollout / relevancy)
+    self_attention: bool  # False for cross-attention layers (no rollout; relevancy by the encoder-decoder rules)
+    text_atts: list[Tensor] | None = None  # cross conditioning: the decoder's self-attention per block (1, H, T, T)
+    order: list[tuple[str, int]] | None = None  # cross: forward order of ("cross", j) / ("self", block) layers
 
 
 # ------------------------------------------------------------------------------------------- backends
@@ -80,8 +86,10 @@ def caption_ids(model: Any, caption: str | Sequence[int]) -> list[int]:
     return list(ids)
 
 
-def _captioner_forward(cap: Any, images: list[Image.Image], ids: list[int], keep: bool) -> tuple[Tensor, list[Tensor], Tensor]:
-    """(logits (B, T, V), per-layer attention (B, H, T, K) if keep, rows) of captioner prompt + caption."""
+def _captioner_forward(cap: Any, images: list[Image.Image], ids: list[int], keep: bool,
+                       text: dict[int, Tensor] | None = None) -> tuple[Tensor, list[Tensor], Tensor]:
+    """(logits (B, T, V), per-layer attention (B, H, T, K) if keep, rows) of captioner prompt + caption; with
+    cross conditioning, `text` (if given) also receives the decoder's self-attention per block."""
     vis = cap.visual_embeds(pixel_values=cap.encoder.preprocess(images))
     B = vis.shape[0]
     tok_ids = torch.tensor([[cap.tokenizer.bos_token_id] + ids] * B, dtype=torch.long, device=cap.device)
@@ -89,7 +97,11 @@ def _captioner_forward(cap: Any, images: list[Image.Image], ids: list[int], keep
     mods = gpt_attention_modules(cap.decoder, cap.cross)
     atts: dict[int, Tensor] = {}
     hooks = {j: (lambda a, j=j: atts.__setitem__(j, a)) for j in range(len(mods))} if keep else {}
-    with gpt_capture(cap.decoder, hooks, cap.cross):
+    text_hooks: dict[int, Any] = {}
+    if cap.cross and keep and text is not None:
+        n_self = len(gpt_attention_modules(cap.decoder, False))
+        text_hooks = {b: (lambda a, b=b: text.__setitem__(b, a)) for b in range(n_self)}
+    with gpt_capture(cap.decoder, hooks, cap.cross), gpt_capture(cap.decoder, text_hooks, False):
         if cap.cross:
             embeds = tokens
             if keep:
@@ -160,8 +172,26 @@ def _trace(model: Any, pil: Image.Image, ids: list[int], prompt: str | None, sys
     grid = tuple(int(g) for g in model.image_grid())
     span = tuple(model.image_key_span())
     offset = 0 if model.cross else int(model.decoder.config.prefix_len)
-    logits, atts, rows = _captioner_forward(model, [pil], ids, True)
-    return Trace(atts, logits[0], rows, ids, span, offset, grid, pil, not model.cross)  # type: ignore[arg-type]
+    text: dict[int, Tensor] = {}
+    logits, atts, rows = _captioner_forward(model, [pil], ids, True, text if model.cross else None)
+    tr = Trace(atts, logits[0], rows, ids, span, offset, grid, pil, not model.cross)  # type: ignore[arg-type]
+    if model.cross:
+        tr.text_atts, tr.order = [text[b] for b in sorted(text)], _cross_order(model.decoder)
+    return tr
+
+
+def _cross_order(decoder: Any) -> list[tuple[str, int]]:
+    """The forward order of a cross-conditioned decoder's attention layers: ("cross", j) and ("self", block)."""
+    from captionlab.models.decoder import CausalSelfAttention, GatedCrossAttention
+
+    order: list[tuple[str, int]] = []
+    counts = {"cross": 0, "self": 0}
+    for m in decoder.modules():  # a block registers its cross-attention before its self-attention
+        kind = "cross" if isinstance(m, GatedCrossAttention) else "self" if isinstance(m, CausalSelfAttention) else ""
+        if kind:
+            order.append((kind, counts[kind]))
+            counts[kind] += 1
+    return order
 
 
 @torch.no_grad()
@@ -239,21 +269,60 @@ def _image_rows(tr: Trace, r: Tensor) -> np.ndarray:
     return r[tr.rows][:, s:e].reshape(len(tr.token_ids), *tr.grid).numpy()
 
 
+def _cam(a: Tensor, g: Tensor | None) -> Tensor:
+    """E_h[(dy/dA * A)^+] of one layer's (1, H, T, K) attention: (T, K) on the CPU."""
+    g = torch.zeros_like(a) if g is None else g
+    return (g.detach()[0].float() * a.detach()[0].float()).clamp_min(0).mean(0).cpu()
+
+
+def _residual_normalised(R: Tensor) -> Tensor:
+    """Chefer et al.'s normalisation of a self-relevancy matrix: the part beyond I row-normalised, then + I."""
+    eye = torch.eye(R.shape[-1])
+    extra = R - eye
+    return extra / extra.sum(-1, keepdim=True).clamp_min(1e-12) + eye
+
+
+def _cross_relevancy(tr: Trace, cross_cams: list[Tensor], self_cams: list[Tensor]) -> list[Tensor]:
+    """Text-image relevancy R_ti (T, n_visual) at each cross layer (encoder-decoder rules, module docstring)."""
+    T, V = cross_cams[0].shape
+    R_tt, R_ti = torch.eye(T), torch.zeros(T, V)
+    out: list[Tensor] = []
+    for kind, j in tr.order or []:
+        if kind == "cross":
+            if j > 0:
+                out.append(R_ti.clone())
+            R_ti = R_ti + _residual_normalised(R_tt).T @ cross_cams[j]
+        else:
+            cam = self_cams[j]
+            R_ti, R_tt = R_ti + cam @ R_ti, R_tt + cam @ R_tt
+    out.append(R_ti)
+    return out
+
+
 def gradient_maps(tr: Trace) -> tuple[np.ndarray, np.ndarray | None]:
-    """(L, n, gh, gw) per-layer gradient-weighted attention and, for self-attention, (L, n, gh, gw) relevancy
-    propagated through layers 0..l (Chefer et al. 2021); one backward pass per caption token."""
+    """(L, n, gh, gw) per-layer gradient-weighted attention and (L, n, gh, gw) relevancy propagated through layers
+    0..l (Chefer et al. 2021; cross conditioning: its encoder-decoder rules, None without the decoder's
+    self-attention); one backward pass per caption token."""
     L, n = len(tr.atts), len(tr.token_ids)
     s, e = tr.span
     grad_out = np.zeros((L, n, *tr.grid), np.float32)
-    rel_out = np.zeros((L, n, *tr.grid), np.float32) if tr.self_attention else None
+    cross_rel = not tr.self_attention and bool(tr.text_atts)
+    rel_out = np.zeros((L, n, *tr.grid), np.float32) if tr.self_attention or cross_rel else None
     for t in range(n):
         y = tr.logits[int(tr.rows[t]), tr.token_ids[t]]
+        if cross_rel:
+            both = torch.autograd.grad(y, [*tr.atts, *tr.text_atts], retain_graph=True, allow_unused=True)
+            cross_cams = [_cam(a, g) for a, g in zip(tr.atts, both[:L])]
+            self_cams = [_cam(a, g) for a, g in zip(tr.text_atts, both[L:])]
+            for j, (cam, R) in enumerate(zip(cross_cams, _cross_relevancy(tr, cross_cams, self_cams))):
+                grad_out[j, t] = cam[int(tr.rows[t]), s:e].reshape(tr.grid).numpy()
+                rel_out[j, t] = R[int(tr.rows[t]), s:e].reshape(tr.grid).numpy()  # type: ignore[index]
+            continue
         grads = torch.autograd.grad(y, tr.atts, retain_graph=True, allow_unused=True)
         T = tr.atts[0].shape[-2]
         R = torch.eye(T)
         for j, (a, g) in enumerate(zip(tr.atts, grads)):
-            g = torch.zeros_like(a) if g is None else g
-            cam = (g.detach()[0].float() * a.detach()[0].float()).clamp_min(0).mean(0).cpu()  # (T, K)
+            cam = _cam(a, g)  # (T, K)
             grad_out[j, t] = cam[int(tr.rows[t]), s:e].reshape(tr.grid).numpy()
             if rel_out is not None:
                 R = R + cam[:, tr.key_offset:] @ R
@@ -271,7 +340,7 @@ def explain_all(model: Any, image: Any, caption: str | Sequence[int], methods: S
     tr = trace(model, image, caption, prompt, system)
     idx = _layer_list(layers, len(tr.atts))
     if not tr.self_attention:
-        methods = [m for m in methods if m in ("raw", "grad")]
+        methods = [m for m in methods if m in ("raw", "grad", "relevancy")]
     out: dict[tuple[str, int], Explanation] = {}
     base = _base(model, tr, heads, name or _name(image))
     if "raw" in methods:
