@@ -42,7 +42,8 @@ def overlay(ax: "Axes", image: Any, heat: np.ndarray | None, title: str = "", al
 
 def attention_series(result: "AttentionResult", cols: int = 5, alpha: float = 0.5, cmap: str = "jet",
                      norm: str = "minmax", panel_size: float = 2.2, title: str | None = None) -> "Figure":
-    """The image, then one overlay per word (word as title), `cols` panels per row."""
+    """The image, then one overlay per word (word as title), `cols` panels per row; the title names the caption,
+    method, layer, heads and patch grid."""
     from matplotlib.figure import Figure
 
     n = len(result.tokens) + 1
@@ -59,6 +60,7 @@ def attention_series(result: "AttentionResult", cols: int = 5, alpha: float = 0.
     layer = result.layer if not isinstance(result.layer, list) else ",".join(map(str, result.layer))
     method = getattr(result, "method", None)
     how = (f"{method}, " if method else "") + f"layer {layer}" + (f", heads {result.heads}" if method in (None, "raw") else "")
+    how += ", {}x{} patches".format(*result.grid)
     fig.suptitle(title if title is not None else f"{result.name or ''}: \"{result.caption}\" ({how})",
                  fontsize=11)
     return fig
