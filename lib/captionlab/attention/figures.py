@@ -35,7 +35,7 @@ def overlay(ax: "Axes", image: Any, heat: np.ndarray | None, title: str = "", al
     if heat is not None:
         ax.imshow(heat, cmap=cmap, alpha=alpha if image is not None else 1.0, vmin=0.0, vmax=1.0,
                   interpolation="nearest")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title, fontsize=10, parse_math=False)  # model text: a "$" is not mathtext
     ax.set_xticks([])
     ax.set_yticks([])
 
@@ -62,7 +62,7 @@ def attention_series(result: "AttentionResult", cols: int = 5, alpha: float = 0.
     how = (f"{method}, " if method else "") + f"layer {layer}" + (f", heads {result.heads}" if method in (None, "raw") else "")
     how += ", {}x{} patches".format(*result.grid)
     fig.suptitle(title if title is not None else f"{result.name or ''}: \"{result.caption}\" ({how})",
-                 fontsize=11)
+                 fontsize=11, parse_math=False)
     return fig
 
 

@@ -88,7 +88,7 @@ def image_grid(images: Sequence[Any], titles: Sequence[str] | None = None, ncols
         else:
             ax.imshow(arr, interpolation="nearest")
         if titles is not None and i < len(titles):
-            ax.set_title("\n".join(textwrap.wrap(str(titles[i]), wrap)), fontsize=7)
+            ax.set_title("\n".join(textwrap.wrap(str(titles[i]), wrap)), fontsize=7, parse_math=False)
     fig.tight_layout()
     return fig
 
