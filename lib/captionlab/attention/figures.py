@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +28,15 @@ def heatmap(result: "AttentionResult", i: int, norm: str = "minmax") -> np.ndarr
     """Word i's map upsampled (bilinear) to the image size and normalised for display, (H, W) in [0, 1]."""
     size = (result.image.height, result.image.width) if result.image is not None else result.grid
     return normalize(upsample(result.maps[i], size), norm)
+
+
+@contextlib.contextmanager
+def quiet_glyphs() -> Iterator[None]:
+    """Silence matplotlib's "Glyph ... missing from font" warnings (random-weight captions hold any Unicode;
+    the glyph is drawn as a box either way)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font", category=UserWarning)
+        yield
 
 
 def overlay(ax: "Axes", image: Any, heat: np.ndarray | None, title: str = "", alpha: float = 0.5,
@@ -74,7 +86,8 @@ def series_path(out_dir: str | os.PathLike, name: str) -> Path:
 def save_figure(fig: "Figure", path: str | os.PathLike, dpi: int = 100) -> Path:
     """Save a matplotlib figure as PNG atomically."""
     with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi)
+        with quiet_glyphs():
+            fig.savefig(tmp, format="png", dpi=dpi)
     return Path(path)
 
 

@@ -25,8 +25,11 @@ def _display(obj: Any) -> None:
 
 def figure_png(fig: Any, dpi: int = 120) -> bytes:
     """A matplotlib figure as PNG bytes."""
+    from captionlab.attention.figures import quiet_glyphs
+
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    with quiet_glyphs():
+        fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     return buf.getvalue()
 
 
