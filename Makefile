@@ -123,7 +123,7 @@ demo: venv chromium
 	$(VENV)/bin/captionlab report run --params $(PARAMS)
 
 # The course route rehearsed on CPU: hw3_data-shaped photos + random-weight checkpoints at the real shapes
-# ({cache}/rehearsal, ~3.5 GB, ~1 min to build), then every notebook on params/rehearsal.yaml.
+# ({cache}/rehearsal, ~2.6 GB, ~1 min to build), then every notebook on params/rehearsal.yaml.
 # REHEARSE_DTYPE=bfloat16 runs the bf16 paths the GPU route uses (slow on CPUs without bf16 units).
 REHEARSE_DTYPE ?=
 rehearse: venv chromium

@@ -422,3 +422,19 @@ def test_attention_shares_split_cls_patches_text(tiny_dirs):
         assert r["cls"] + r["patches"] + r["other"] == pytest.approx(1.0, abs=1e-5)
         assert r["cls"] > 0  # use_cls: the CLS token sits in front of the patches
         assert r["patches"] == pytest.approx(float(raw["raw", r["layer"]].maps.sum((1, 2)).mean()), abs=1e-5)
+
+
+def test_generate_ids_gives_the_placeholder_caption_for_an_immediate_eos(tiny_captioner_models, demo_world, monkeypatch):
+    """An untrained captioner that stops at once (the rehearsal's p3 'sheep') still gets words to map."""
+    import captionlab.decode
+    from captionlab.attention.explain import EMPTY_CAPTION, caption_ids, explain, generate_ids
+    from captionlab.models.captioner import EMPTY_CAPTION as GENERATED, Captioner, CaptionerConfig
+
+    cap = Captioner(CaptionerConfig(encoder=tiny_captioner_models["encoder"], decoder=tiny_captioner_models["decoder"],
+                                    peft="lora", lora_rank=2), verbose=False)
+    eos = cap.tokenizer.eos_token_id
+    monkeypatch.setattr(captionlab.decode, "greedy_search", lambda dec, *a, **k: [[eos, 5]] * dec.batch_size)
+    images = sorted((demo_world / "p2_data" / "images" / "val").glob("*.jpg"))[:2]
+    ids = generate_ids(cap, images)
+    assert EMPTY_CAPTION == GENERATED and ids == [caption_ids(cap, EMPTY_CAPTION)] * 2
+    assert explain(cap, images[0], ids[0]).caption == EMPTY_CAPTION

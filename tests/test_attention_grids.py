@@ -103,6 +103,21 @@ def test_series_figure_and_files(tmp_path):
     assert all(p.stat().st_size > 0 for p in frames)
 
 
+def test_series_of_a_caption_with_dollar_signs_renders_literally(tmp_path):
+    """Random-weight models (the rehearsal) emit words like '$$o': matplotlib must not parse them as mathtext."""
+    from captionlab.report.figures import image_grid
+
+    import warnings
+
+    res = _result(np.random.default_rng(0).random((2, 4, 4)), ["$$o", "A'$\u4801"])
+    fig = attention_series(res, cols=3)
+    assert [ax.get_title() for ax in fig.axes][1:3] == ["$$o", "A'$\u4801"] and "4x4 patches" in fig.get_suptitle()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a CJK glyph DejaVu lacks is drawn as a box, without a warning in the report
+        save_series(res, tmp_path, name="ski.jpg")  # draws every title
+    image_grid([Image.new("RGB", (8, 8))], ["costs $5 or $$"]).savefig(tmp_path / "grid.png")
+
+
 def test_with_heads_and_browser():
     res = _result(np.random.default_rng(1).random((2, 3, 3)), ["blue", "star"])
     np.testing.assert_allclose(res.with_heads(1).maps, res.head_maps[:, 1], atol=1e-7)

@@ -34,3 +34,21 @@ def test_feature_cache_matches_encoder_and_is_reused(tiny_captioner_models, demo
     with pytest.raises(AssertionError, match="encoder ran"):
         F.cached_features(enc, spec, paths[:2], root=tmp_path)
     assert not list(tmp_path.glob(".*.npy"))  # the failed build left no temporary file
+
+
+def test_generate_cached_encodes_once_and_equals_generate_on_the_stored_features(tiny_captioner_models, demo_world: Path,
+                                                                                  tmp_path: Path, monkeypatch) -> None:
+    from captionlab.models.captioner import Captioner, CaptionerConfig
+
+    cap = Captioner(CaptionerConfig(encoder=tiny_captioner_models["encoder"], decoder=tiny_captioner_models["decoder"],
+                                    peft="lora", lora_rank=2), verbose=False).eval()
+    paths = sorted((demo_world / "p2_data" / "images" / "val").glob("*.jpg"))[:5]
+    first = cap.generate_cached(paths, root=tmp_path, method="greedy", max_new_tokens=6, batch_size=2)
+    store = F.cached_features(cap.encoder, cap.config.encoder, paths, root=tmp_path)
+    assert torch.equal(store[1:3], store[[1, 2]]) and store[3:].shape[0] == 2
+    assert first == cap.generate(features=store[list(range(5))], method="greedy", max_new_tokens=6)
+    calls = []
+    monkeypatch.setattr(cap.encoder, "forward", lambda *a, **k: calls.append(1))
+    again = cap.generate_cached(paths, root=tmp_path, method="beam", beam_size=2, max_new_tokens=6)
+    assert not calls and again == cap.generate(features=store[list(range(5))], method="beam", beam_size=2,
+                                               max_new_tokens=6)

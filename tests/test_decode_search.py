@@ -159,6 +159,30 @@ def test_hf_decoder_matches_hf_generate_with_left_padding(tmp_path):
         HFDecoder(hf, bad["input_ids"], bad["attention_mask"])
 
 
+def test_hf_decoder_runs_the_lm_head_on_the_last_position_only(tmp_path):
+    from test_decoder_gpt import make_hf_gpt2
+
+    hf, tok = make_hf_gpt2(tmp_path, seed=3)
+    ids = tok(["a large yellow triangle left of a red circle"], return_tensors="pt")["input_ids"]
+    shapes = []
+    hf.register_forward_hook(lambda mod, args, out: shapes.append(tuple(out.logits.shape)))
+    logits, _ = HFDecoder(hf, ids).prefill()
+    assert shapes == [(1, 1, hf.config.vocab_size)]  # not (1, L, V): 576 image tokens x 32064 in LLaVA
+    with torch.no_grad():
+        assert torch.allclose(logits, hf(input_ids=ids).logits[:, -1].float(), atol=1e-5)
+
+    class Wrapped(torch.nn.Module):  # a **kwargs-only wrapper gets no logits_to_keep
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = hf
+
+        def forward(self, **kw):
+            assert "logits_to_keep" not in kw
+            return self.inner(**kw)
+
+    assert torch.allclose(HFDecoder(Wrapped(), ids).prefill()[0], logits)
+
+
 def test_demo_gpt2_beam_equals_reference_and_writes_captions(demo_gpt2):
     gpt, tok = load_decoder(demo_gpt2)
     eos = tok.eos_token_id

@@ -129,6 +129,8 @@ class HFDecoder:
             raise ValueError("HFDecoder needs left padding (tokenizer.padding_side = 'left')")
         self.extra = extra
         self.cache_kwarg = hf_cache_kwarg(model)
+        # only the last position's logits are read: skip the LM head elsewhere (576 image tokens x vocab in LLaVA)
+        self.last_only = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
         self.batch_size = input_ids.shape[0]
         self.penalty_context = [[int(t) for t, m in zip(ids, msk) if m]
                                 for ids, msk in zip(input_ids.tolist(), self.attention_mask.tolist())]
@@ -142,7 +144,7 @@ class HFDecoder:
         """Run the prompt; return last-position logits and the cache."""
         mask = self.attention_mask
         out = self.model(input_ids=self.input_ids, attention_mask=mask, position_ids=self._positions(mask),
-                         use_cache=True, **self.extra)
+                         use_cache=True, **self.last_only, **self.extra)
         return out.logits[:, -1].float(), {"past": hf_output_cache(out), "mask": mask}
 
     @torch.no_grad()
@@ -170,11 +172,19 @@ class HFDecoder:
         ids = torch.cat([self.input_ids, generated.to(self.input_ids.device)], dim=1)
         mask = torch.cat([self.attention_mask, torch.ones_like(generated).to(self.attention_mask.device)], dim=1)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=self._positions(mask), use_cache=False,
-                         **self.extra)
+                         **self.last_only, **self.extra)
         return out.logits[:, -1].float()
 
 
 # -------------------------------------------------------------------------------------------- helpers
+
+
+def _accepts(model: torch.nn.Module, name: str) -> bool:
+    """Whether `model.forward` takes the keyword `name` (False for **kwargs-only wrappers)."""
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def apply_repetition_penalty(logits: Tensor, seen: list[list[int]], penalty: float) -> Tensor:

@@ -40,6 +40,7 @@ from captionlab.attention.grids import Heads, center_crop_square, image_token_sp
 from captionlab.errors import ConfigError
 
 METHODS = ("raw", "rollout", "grad", "relevancy")
+EMPTY_CAPTION = "an image"  # = captionlab.models.captioner.EMPTY_CAPTION (what an immediate eos is captioned as)
 
 
 @dataclass
@@ -412,7 +413,9 @@ def _finish(res: Explanation, unit: str) -> Explanation:
 @torch.no_grad()
 def generate_ids(model: Any, images: Sequence[Any], prompt: str | None = None, max_new_tokens: int | None = None,
                  batch_size: int = 16, system: str | None = None) -> list[list[int]]:
-    """Greedy caption token ids (eos / padding stripped) of the captioner or LLaVA for each image."""
+    """Greedy caption token ids (eos / padding stripped) of the captioner or LLaVA for each image; an immediate eos
+    (an untrained model) gives the ids of the placeholder caption `generate` writes ("an image"), so every image
+    has words to map."""
     pil = [center_crop_square(_pil(im)) for im in images]
     out: list[list[int]] = []
     with _eval(model):
@@ -435,7 +438,8 @@ def generate_ids(model: Any, images: Sequence[Any], prompt: str | None = None, m
                 stops = {model.tokenizer.eos_token_id}
             for s in (seqs.tolist() if isinstance(seqs, Tensor) else seqs):
                 s = [int(t) for t in s]
-                out.append(s[:next((k for k, t in enumerate(s) if t in stops), len(s))])
+                out.append(s[:next((k for k, t in enumerate(s) if t in stops), len(s))] or
+                           caption_ids(model, EMPTY_CAPTION))
     return out
 
 

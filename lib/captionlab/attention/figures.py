@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +30,15 @@ def heatmap(result: "AttentionResult", i: int, norm: str = "minmax") -> np.ndarr
     return normalize(upsample(result.maps[i], size), norm)
 
 
+@contextlib.contextmanager
+def quiet_glyphs() -> Iterator[None]:
+    """Silence matplotlib's "Glyph ... missing from font" warnings (random-weight captions hold any Unicode;
+    the glyph is drawn as a box either way)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font", category=UserWarning)
+        yield
+
+
 def overlay(ax: "Axes", image: Any, heat: np.ndarray | None, title: str = "", alpha: float = 0.5,
             cmap: str = "jet") -> None:
     """Draw `image` on `ax` with `heat` (same size, [0, 1]) on top; no ticks."""
@@ -35,14 +47,15 @@ def overlay(ax: "Axes", image: Any, heat: np.ndarray | None, title: str = "", al
     if heat is not None:
         ax.imshow(heat, cmap=cmap, alpha=alpha if image is not None else 1.0, vmin=0.0, vmax=1.0,
                   interpolation="nearest")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title, fontsize=10, parse_math=False)  # model text: a "$" is not mathtext
     ax.set_xticks([])
     ax.set_yticks([])
 
 
 def attention_series(result: "AttentionResult", cols: int = 5, alpha: float = 0.5, cmap: str = "jet",
                      norm: str = "minmax", panel_size: float = 2.2, title: str | None = None) -> "Figure":
-    """The image, then one overlay per word (word as title), `cols` panels per row."""
+    """The image, then one overlay per word (word as title), `cols` panels per row; the title names the caption,
+    method, layer, heads and patch grid."""
     from matplotlib.figure import Figure
 
     n = len(result.tokens) + 1
@@ -59,8 +72,9 @@ def attention_series(result: "AttentionResult", cols: int = 5, alpha: float = 0.
     layer = result.layer if not isinstance(result.layer, list) else ",".join(map(str, result.layer))
     method = getattr(result, "method", None)
     how = (f"{method}, " if method else "") + f"layer {layer}" + (f", heads {result.heads}" if method in (None, "raw") else "")
+    how += ", {}x{} patches".format(*result.grid)
     fig.suptitle(title if title is not None else f"{result.name or ''}: \"{result.caption}\" ({how})",
-                 fontsize=11)
+                 fontsize=11, parse_math=False)
     return fig
 
 
@@ -72,7 +86,8 @@ def series_path(out_dir: str | os.PathLike, name: str) -> Path:
 def save_figure(fig: "Figure", path: str | os.PathLike, dpi: int = 100) -> Path:
     """Save a matplotlib figure as PNG atomically."""
     with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi)
+        with quiet_glyphs():
+            fig.savefig(tmp, format="png", dpi=dpi)
     return Path(path)
 
 

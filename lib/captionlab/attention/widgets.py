@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from captionlab.attention.figures import attention_series, heatmap, overlay, save_figure
+from captionlab.attention.figures import attention_series, heatmap, overlay, quiet_glyphs, save_figure
 
 if TYPE_CHECKING:
     from captionlab.attention.capture import AttentionResult
@@ -107,7 +107,8 @@ def frame_png(result: "AttentionResult", i: int, alpha: float = 0.5, cmap: str =
     overlay(fig.subplots(), result.image, heatmap(result, i) if has else None,
             title=result.tokens[i] if has else "", alpha=alpha, cmap=cmap)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
+    with quiet_glyphs():
+        fig.savefig(buf, format="png", dpi=dpi)
     return buf.getvalue()
 
 

@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--models", action="store_true", help="also train the tiny demo models (clip, gpt2, llava)")
     build.add_argument("--rehearsal", action="store_true",
                        help="build the rehearsal world instead: hw3_data-shaped photos + random-weight checkpoints "
-                            "at the real shapes (params/rehearsal.yaml; {cache}/rehearsal, ~3.5 GB)")
+                            "at the real shapes (params/rehearsal.yaml; {cache}/rehearsal, ~2.6 GB)")
     build.set_defaults(func=_build)
     info = wsub.add_parser("info", help="print a built world's world.json summary and its models")
     info.add_argument("--root", type=Path, default=None)

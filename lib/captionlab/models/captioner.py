@@ -262,6 +262,15 @@ class Captioner(nn.Module):
         self.train(was_training)
         return out
 
+    def generate_cached(self, image_paths: Sequence[str | os.PathLike], root: str | os.PathLike | None = None,
+                        **kw: Any) -> list[str]:
+        """`generate` for image files through the frozen-encoder feature cache (the features training validated
+        on): the encoder runs once per image list, later decodings and evaluations of it reuse the stored features."""
+        from captionlab.models.features import cached_features
+
+        store = cached_features(self.encoder, self.config.encoder, image_paths, root=Path(root) if root else None)
+        return self.generate(features=store, **kw)  # type: ignore[arg-type]  # sliced per batch
+
     def lm_decoder(self, vis: Tensor) -> Any:
         """The decoding object (`captionlab.decode.PrefixLMDecoder`) for projected visual tokens (B, V, C):
         visual prefix + bos, or bos alone with the visual tokens as cross-attention states."""

@@ -17,7 +17,7 @@ from captionlab.utils import atomic_path, cache_dir, file_lock
 
 
 class FeatureStore:
-    """Read-only (N, T, D) features on disk; `store[indices]` gives a float32 tensor."""
+    """Read-only (N, T, D) features on disk; `store[indices]` (a list, tensor or slice) gives a float32 tensor."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -30,7 +30,9 @@ class FeatureStore:
     def shape(self) -> tuple[int, ...]:
         return tuple(self.array.shape)
 
-    def __getitem__(self, indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    def __getitem__(self, indices: Sequence[int] | torch.Tensor | slice) -> torch.Tensor:
+        if isinstance(indices, slice):
+            indices = range(*indices.indices(len(self)))
         idx = np.asarray(indices.tolist() if isinstance(indices, torch.Tensor) else indices, dtype=np.int64)
         return torch.from_numpy(np.array(self.array[idx], dtype=np.float32))
 

@@ -78,6 +78,7 @@ def evaluate_decodings(checkpoint: str | Path, val: Any, val_dir: str | Path, de
                        cache: ResultCache | None = None) -> tuple[dict[str, Any], dict[str, bool]]:
     """Caption `val` with each decoding of the checkpoint and score it (cached per decoding).
 
+    The encoder runs once per image list (`Captioner.generate_cached`: the feature cache 02's attempt filled).
     Writes `predictions_<name>.json` and `eval_<name>.*` into `out_dir`; returns ({name: EvalResult},
     {name: reused}).
     """
@@ -95,7 +96,7 @@ def evaluate_decodings(checkpoint: str | Path, val: Any, val_dir: str | Path, de
             if not model:
                 model.append(load_captioner(checkpoint))
             images = [val.image_path(val_dir, s) for s in val.stems]
-            preds = dict(zip(val.stems, model[0].generate(images, max_new_tokens=max_new_tokens, **kw)))
+            preds = dict(zip(val.stems, model[0].generate_cached(images, max_new_tokens=max_new_tokens, **kw)))
             save_predictions(work / "predictions.json", preds)
             evaluate(preds, val, val_dir, clip=clip, metrics=metrics).save(work, prefix="eval")
             return {"n": len(preds)}

@@ -70,7 +70,7 @@ def stats_figure(annotations: str | Path, objects_json: str | Path | None = None
     ax[0].hist([len(c.split()) for c in caps], bins=range(1, 30), color="#4c72b0")
     ax[0].set_title("caption length (words)")
     top = words.most_common(15)
-    ax[1].barh([w for w, _ in top][::-1], [n for _, n in top][::-1], color="#55a868")
+    ax[1].barh([w.replace("$", r"\$") for w, _ in top][::-1], [n for _, n in top][::-1], color="#55a868")  # "$" literal
     ax[1].set_title("most frequent words")
     ax[1].tick_params(labelsize=7)
     for a, (name, counter) in zip(ax[2:], stats.items()):

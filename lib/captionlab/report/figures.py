@@ -25,8 +25,11 @@ def _display(obj: Any) -> None:
 
 def figure_png(fig: Any, dpi: int = 120) -> bytes:
     """A matplotlib figure as PNG bytes."""
+    from captionlab.attention.figures import quiet_glyphs
+
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    with quiet_glyphs():
+        fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     return buf.getvalue()
 
 
@@ -88,7 +91,7 @@ def image_grid(images: Sequence[Any], titles: Sequence[str] | None = None, ncols
         else:
             ax.imshow(arr, interpolation="nearest")
         if titles is not None and i < len(titles):
-            ax.set_title("\n".join(textwrap.wrap(str(titles[i]), wrap)), fontsize=7)
+            ax.set_title("\n".join(textwrap.wrap(str(titles[i]), wrap)), fontsize=7, parse_math=False)
     fig.tight_layout()
     return fig
 

@@ -133,8 +133,8 @@ def run_attempt(cfg: RunConfig, cache: ResultCache | None = None, **changes: Any
         val = subset(load_captions(p2 / "val.json"), val_count(cfg))
         val_dir = p2 / "images" / "val"
         images = [val.image_path(val_dir, s) for s in val.stems]
-        preds = dict(zip(val.stems, model.generate(images, beam_size=cfg.beam_size,
-                                                   max_new_tokens=cfg.max_new_tokens)))
+        preds = dict(zip(val.stems, model.generate_cached(images, beam_size=cfg.beam_size,
+                                                          max_new_tokens=cfg.max_new_tokens)))
         save_predictions(out / "predictions.json", preds)
         scored = evaluate(preds, val, val_dir, clip=cfg.clip_model, metrics=("CIDEr", "CLIPScore"))
         scored.per_image.to_csv(out / "per_image.csv", index=False)
