@@ -88,7 +88,7 @@ chromium:
 # meanwhile (tests/conftest.py), and the tests that need them run last.
 TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; [ $$n -lt 2 ] && n=0; echo $$n)
 test: venv chromium
-	$(PY) -m pytest -q -n $(TEST_JOBS) --durations=20 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadgroup --durations=20 $(PYTEST_ARGS)
 
 # The edit-test loop: no demo model builds (tiny random models and the generated data only), under 3 min on 2 cores.
 test-fast: venv

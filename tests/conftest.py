@@ -39,7 +39,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     """When selected tests need demo models that are not built yet, build them in the background (one builder for
     all xdist workers: a non-blocking lock) while the other tests run; fixtures wait for it through the models' own
     file locks. The builder keeps normal priority and the test processes step down a little, so the builds (the
-    critical path) are not starved."""
+    critical path) come first."""
     if not any(_needs(it) for it in session.items):
         return
     import fcntl
@@ -63,7 +63,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
                                 stdout=log, stderr=subprocess.STDOUT, pass_fds=(guard.fileno(),))
         _BUILD_GUARD.extend([guard, log, proc])
     try:
-        os.nice(3)
+        os.nice(10)  # the builds are the critical path: the builder gets ~90 % of a core against a test process
     except OSError:
         pass
 

@@ -77,28 +77,35 @@ def cross_captioner(demo_cross_captioner):
     return load_captioner(demo_cross_captioner[1])
 
 
-@pytest.mark.slow
-def test_best_method_localises_on_demo_world(demo_world, demo_llava, cross_captioner):
-    """Teacher-forced explanations, method x layer, both models, against the targets of issue 16 (pointing
-    >= 0.6 captioner, >= 0.5 LLaVA). Measured on 40 val images (demo models of 2026-12-01, tiny CLIP with patch
-    loss): captioner raw layer 0 pointing 0.64 (tolerance 0.70) vs random 0.06, deletion drop 0.32 vs 0.02
-    (training is seeded: the figure reproduces). The floor stays below the 0.6 target on purpose: other trainings
-    (lr 5e-4..5e-3, demo.yaml's 4000 images) score 0.53-0.64 on these 40 images and 0.54-0.56 on 04's 80, so
-    0.6 is reached here, not reliably;
-    demo LLaVA relevancy layer 1 pointing 0.65 (0.81) vs 0.07, deletion drop 1.61 vs 0.05."""
+def _best_method(demo_world, model, prompt, floor):
     from captionlab.attention.faithfulness import best_row, method_report
-    from captionlab.models.llava import load_llava
 
     split = demo_world / "p2_data"
     paths, objects, masks = load_annotated(split / "images" / "val", split / "masks" / "val",
                                            split / "objects_val.json", limit=N_IMAGES)
-    llava = load_llava(demo_llava, device="cpu")
-    for name, model, prompt, floor in (("captioner", cross_captioner, None, 0.55),
-                                       ("llava", llava, "Write a one-sentence caption for this image.", 0.5)):
-        summary, _ = method_report(model, paths, objects, masks, prompt=prompt, progress=False)
-        print(f"\n{name}\n" + summary.round(3).to_string(index=False))
-        best = best_row(summary)
-        assert (summary["n_scored"] > 30).all()
-        assert best["pointing_pixel"] >= floor and best["pointing_pixel"] > 5 * best["random_point"]
-        assert best["pointing_tol"] >= best["pointing_pixel"]
-        assert best["deletion_drop"] > 2 * best["deletion_random"]  # removing the map's patches hurts the word
+    summary, _ = method_report(model, paths, objects, masks, prompt=prompt, progress=False)
+    print("\n" + summary.round(3).to_string(index=False))
+    best = best_row(summary)
+    assert (summary["n_scored"] > 30).all()
+    assert best["pointing_pixel"] >= floor and best["pointing_pixel"] > 5 * best["random_point"]
+    assert best["pointing_tol"] >= best["pointing_pixel"]
+    assert best["deletion_drop"] > 2 * best["deletion_random"]  # removing the map's patches hurts the word
+
+
+@pytest.mark.slow
+def test_best_method_localises_for_the_captioner(demo_world, cross_captioner):
+    """Teacher-forced explanations, method x layer, against issue 16's target (pointing >= 0.6). Measured on 40
+    val images (demo models of 2026-12-01, tiny CLIP with patch loss): raw layer 0 pointing 0.64 (tolerance 0.70)
+    vs random 0.06, deletion drop 0.32 vs 0.02 (training is seeded: the figure reproduces). The floor stays below
+    the 0.6 target on purpose: other trainings (lr 5e-4..5e-3, demo.yaml's 4000 images) score 0.53-0.64 on these
+    40 images and 0.54-0.56 on 04's 80, so 0.6 is reached here, not reliably."""
+    _best_method(demo_world, cross_captioner, None, 0.55)
+
+
+@pytest.mark.slow
+def test_best_method_localises_for_the_demo_llava(demo_world, demo_llava):
+    """The same for the demo LLaVA (target 0.5): relevancy layer 1 pointing 0.65 (0.81) vs 0.07, deletion drop 1.61
+    vs 0.05 on the 40 val images."""
+    from captionlab.models.llava import load_llava
+
+    _best_method(demo_world, load_llava(demo_llava, device="cpu"), "Write a one-sentence caption for this image.", 0.5)
