@@ -40,7 +40,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     all xdist workers: a non-blocking lock) while the other tests run; fixtures wait for it through the models' own
     file locks. The builder keeps normal priority and the test processes step down a little, so the builds (the
     critical path) come first."""
-    if not any(_needs(it) for it in session.items):
+    if session.config.option.collectonly or not any(_needs(it) for it in session.items):
         return
     import fcntl
     import subprocess
@@ -60,7 +60,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     else:
         log = open(root.parent / "background-build.log", "a")
         proc = subprocess.Popen([sys.executable, "-m", "captionlab.cli", "world", "build", "--models"],
-                                stdout=log, stderr=subprocess.STDOUT, pass_fds=(guard.fileno(),))
+                                stdout=log, stderr=subprocess.STDOUT, pass_fds=(guard.fileno(),),
+                                start_new_session=True)
         _BUILD_GUARD.extend([guard, log, proc])
     try:
         os.nice(10)  # the builds are the critical path: the builder gets ~90 % of a core against a test process
@@ -69,10 +70,16 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    """Wait for the background model build (if this process started it) and release its guard."""
+    """Stop the background model build if it is still running (the tests that needed it were deselected or the run
+    stopped early; builds write into a temporary folder and rename it, so nothing half-built is left) and release
+    its guard."""
     if _BUILD_GUARD:
+        import signal
+
         guard, log, proc = _BUILD_GUARD
-        proc.wait()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # the builder and its spawned per-model processes
+            proc.wait()
         guard.close()
         log.close()
 

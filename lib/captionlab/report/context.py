@@ -155,6 +155,8 @@ def start(name: str, parameters: MutableMapping[str, Any] | None = None, models:
     prepared = (f"Prepared with `captionlab.params.prepare_world` (demo world {what}; built on first use, then "
                 f"cached)." if cfg.world == "demo" else "")
     set_seed(cfg.seed)
+    if cfg.world == "demo":
+        _demo_threads()
     run_dir = Path(cfg.run_dir).expanduser().resolve()
     out = run_dir / name
     out.mkdir(parents=True, exist_ok=True)
@@ -164,6 +166,17 @@ def start(name: str, parameters: MutableMapping[str, Any] | None = None, models:
             parameters[key] = getattr(cfg, key)
     return NotebookContext(name=name, cfg=cfg, params=asdict(cfg), run_dir=run_dir, out=out, world=cfg.world,
                            seed=cfg.seed, quick=cfg.quick, data_root=Path(data_root), models=built, prepared=prepared)
+
+
+def _demo_threads() -> None:
+    """The demo models are tiny: one torch thread is as fast, and two spinning threads on a busy 2-core CPU ran a
+    prompt study 3-10x slower (training already uses one: TrainConfig.cpu_threads). CAPTIONLAB_TORCH_THREADS
+    overrides."""
+    import os
+
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("CAPTIONLAB_TORCH_THREADS", "1")))
 
 
 def _as_bool(value: Any) -> bool:
