@@ -38,7 +38,7 @@ _BUILD_GUARD: list = []
 def pytest_collection_finish(session: pytest.Session) -> None:
     """When selected tests need demo models that are not built yet, build them in the background (one builder for
     all xdist workers: a non-blocking lock) while the other tests run; fixtures wait for it through the models' own
-    file locks. The builder keeps normal priority and the test processes step down a little, so the builds (the
+    file locks. The builder keeps normal priority and the test processes step down to nice 10, so the builds (the
     critical path) come first."""
     if session.config.option.collectonly or not any(_needs(it) for it in session.items):
         return
@@ -46,9 +46,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     import subprocess
     import sys
 
-    from captionlab.demo import is_built, world_root
+    from captionlab.demo import MODEL_BUILDERS, is_built, world_root
 
-    if all(is_built(n) for n in ("clip", "gpt2", "llava")):
+    if all(is_built(n) for n in MODEL_BUILDERS):
         return
     root = world_root(0)
     root.mkdir(parents=True, exist_ok=True)
