@@ -92,7 +92,7 @@ test: venv chromium
 
 # The edit-test loop: no demo model builds (tiny random models and the generated data only), under 3 min on 2 cores.
 test-fast: venv
-	$(PY) -m pytest -q -n $(TEST_JOBS) -m "not slow and not demo_models" --durations=10 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadgroup -m "not slow and not demo_models" --durations=10 $(PYTEST_ARGS)
 
 # The lock: pyproject.toml's ranges (+ dev extra) under $(LOCK_CONSTRAINTS), resolved by uv for this Python.
 # Versions already in the lock are kept unless UPGRADE=1 (then: the newest the ranges allow).

@@ -23,11 +23,14 @@ def _needs(item: pytest.Item) -> set[str]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests that need a trained demo model (built on first use: minutes on CPU) get the `demo_models` marker, and
-    run after the tests that need none (those without LLaVA first), so the cores have work while the models build."""
+    """Tests that need a trained demo model (built on first use: minutes on CPU) get the `demo_models` marker (those
+    on the rehearsal world: `slow`) and run after the tests that need none (those without LLaVA first), so the cores
+    have work while the models build."""
     for item in items:
         if _needs(item):
             item.add_marker(pytest.mark.demo_models)
+        if "rehearsal_world" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)  # the 2.6 GB real-shape rehearsal world (~1 min to build once)
     stage = {id(it): (2 if _needs(it) & LLAVA_FIXTURES else 1) if _needs(it) else 0 for it in items}
     items.sort(key=lambda it: stage[id(it)])  # stable: file order within a stage
 
@@ -189,11 +192,14 @@ def demo_captioner(demo_world: Path, demo_clip: Path, demo_gpt2: Path) -> tuple[
 
 @pytest.fixture(scope="session")
 def demo_cross_captioner(demo_world: Path, demo_clip: Path, demo_gpt2: Path) -> tuple[dict, Path]:
-    """params/demo.yaml's captioner for attention: cross-attention conditioning, no CLS (the 8x8 grid only), linear
-    projector (each visual token stays a linear image of its own patch), demo.yaml's lr 1e-3 (at 1e-2 the best
-    pointing falls to 0.38); 2400 images at batch 32 (about the demo's number of optimizer steps):
-    (history, best checkpoint dir)."""
-    return _trained_captioner("cross", demo_world, lr=1e-3, conditioning="cross", use_cls=False, projector="linear")
+    """params/demo.yaml's captioner, trained exactly as 02 trains it (its main attempt, `run_attempt`: cross-attention
+    conditioning, no CLS, linear projector, demo.yaml's step budget): (history, best checkpoint dir). Cached in the
+    results cache, so xdist workers share one training and a later `make demo` reuses it."""
+    from captionlab.params import load_config
+    from captionlab.train.attempts import run_attempt
+
+    attempt = run_attempt(load_config("params/demo.yaml"))
+    return attempt.history, attempt.checkpoint
 
 
 @pytest.fixture(scope="session")

@@ -5,12 +5,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 
+@pytest.mark.slow  # times both decode loops on two LLaVAs
 def test_llava_decode_rows_ours_vs_hf(tmp_path, demo_world):
     import run
     from bench_suites import Setup, bench_llava_decode

@@ -22,6 +22,8 @@ from nbgit import staged_text
 from captionlab.utils import REPO_ROOT
 
 pytest.importorskip("nbstripout", reason="nbstripout is a dev dependency (`make venv` installs it)")
+# make, git and a filter process per notebook (+ a kernel): integration tests, not the edit-test loop
+pytestmark = pytest.mark.slow
 
 
 def git(repo: Path, *args: str) -> str:

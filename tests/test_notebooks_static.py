@@ -18,6 +18,7 @@ from captionlab.params import FIELDS
 from captionlab.report import runner
 from captionlab.utils import REPO_ROOT
 
+pytestmark = pytest.mark.xdist_group("notebook_filter")  # one worker: each notebook goes through the filter once
 NB_DIR = REPO_ROOT / "notebooks"
 NOTEBOOKS = sorted(NB_DIR.glob("*.ipynb"))
 DEMO = yaml.safe_load((REPO_ROOT / "params" / "demo.yaml").read_text())

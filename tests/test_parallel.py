@@ -66,6 +66,7 @@ def tiny_llava(tmp_path_factory) -> Path:
     return save_random_llava(tmp_path_factory.mktemp("par_llava") / "llava", seed=0)
 
 
+@pytest.mark.slow  # two launched processes + a reference run
 def test_caption_two_processes_equal_one(tiny_captioner_models, images, tmp_path):
     import torch
 
@@ -87,6 +88,7 @@ def test_caption_two_processes_equal_one(tiny_captioner_models, images, tmp_path
     assert two == one
 
 
+@pytest.mark.slow  # two launched processes + a reference run
 def test_llava_and_prompt_study_two_processes_equal_one(tiny_llava, images, demo_world, tmp_path):
     args = ["llava", "--images", str(images), "--model", str(tiny_llava), "--max-new-tokens", "6", "--batch-size", "2"]
     assert main([*args, "--out", str(tmp_path / "one.json")]) == 0

@@ -37,3 +37,20 @@ def test_attempt_reused_then_retrained_when_the_data_changes(demo_world: Path, d
     assert again.row()["cached"] is True and again.row()["rank"] == "-"
     # a changed input (the frozen decoder's file) changes the key: nothing stale is reused
     assert cache.key("x", {}, [demo_gpt2 / "decoder_model.bin"]) != cache.key("x", {}, [demo_clip / "config.json"])
+
+
+def test_attempts_trained_side_by_side_equal_one_by_one(demo_world: Path, demo_clip: Path, demo_gpt2: Path,
+                                                         tmp_path: Path):
+    from captionlab.data import load_predictions
+    from captionlab.train.attempts import run_attempts
+
+    cfg = load_config("params/demo.yaml", {"quick": True, "epochs": 1, "run_dir": str(tmp_path / "run")})
+    settings = [(cfg, {"peft": "adapter"}), (cfg, {"conditioning": "prefix"})]
+    serial = run_attempts(settings, ResultCache(tmp_path / "one"), workers=1)
+    both = run_attempts(settings, ResultCache(tmp_path / "two"), workers=2)
+    for a, b in zip(serial, both):
+        assert not b.result.reused and "computed" in b.describe()  # trained by a worker: not "reused"
+        assert b.result.key == a.result.key and b.summary["CIDEr"] == a.summary["CIDEr"]
+        assert load_predictions(b.predictions) == load_predictions(a.predictions)
+    again = run_attempts(settings, ResultCache(tmp_path / "two"))
+    assert all(a.result.reused for a in again)

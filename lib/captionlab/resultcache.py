@@ -123,12 +123,16 @@ class ResultCache:
                "listings": {os.fspath(p): fingerprint(p, content=False) for p in listings}}
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
+    def stored(self, kind: str, key: str) -> bool:
+        """Whether the entry `key` (from `key()`) is stored, so `run` would return it (False when disabled)."""
+        return self.enabled and (self.root / kind / key / "result.json").exists()
+
     def run(self, kind: str, config: Mapping[str, Any], compute: Callable[[Path], dict[str, Any]],
             inputs: Iterable[str | os.PathLike] = (), listings: Iterable[str | os.PathLike] = ()) -> CachedResult:
         """Return the stored result, or call `compute(out_dir)` (it may write files there) and store its value."""
         key = self.key(kind, config, inputs, listings)
         entry = self.root / kind / key
-        if self.enabled and (entry / "result.json").exists():
+        if self.stored(kind, key):
             return self._load(entry, key)
         entry.parent.mkdir(parents=True, exist_ok=True)
         with file_lock(entry.parent / f".{key}.lock"):

@@ -173,11 +173,18 @@ class Captioner(nn.Module):
         gh, gw = self.image_grid()
         return start, start + gh * gw
 
+    def caption_token_ids(self, captions: Sequence[str]) -> list[list[int]]:
+        """[bos] caption [eos] token ids per caption (truncated to max_caption_tokens), tokenized in one call."""
+        tok = self.tokenizer
+        if not captions:
+            return []
+        body = tok(list(captions), add_special_tokens=False)["input_ids"]
+        return [[tok.bos_token_id] + ids[:self.config.max_caption_tokens] + [tok.eos_token_id] for ids in body]
+
     def encode_captions(self, captions: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Token ids [bos] caption [eos] right-padded, and their attention mask (B, L)."""
         tok = self.tokenizer
-        rows = [[tok.bos_token_id] + tok(c, add_special_tokens=False)["input_ids"][:self.config.max_caption_tokens]
-                + [tok.eos_token_id] for c in captions]
+        rows = self.caption_token_ids(captions)
         L = max(len(r) for r in rows)
         ids = torch.full((len(rows), L), tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), L), dtype=torch.long)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -110,12 +110,82 @@ def _model_paths(cfg: RunConfig) -> list[Path]:
     return paths
 
 
+def _cache_args(cfg: RunConfig, **changes: Any) -> tuple[dict[str, Any], list[Path], list[Path]]:
+    """(configuration, input files, listed folders) that key an attempt's result."""
+    p2 = Path(cfg.data_root) / "p2_data"
+    return (effective_config(cfg, **changes), [p2 / "train.json", p2 / "val.json", *_model_paths(cfg)],
+            [p2 / "images" / "train", p2 / "images" / "val"])
+
+
+def attempt_key(cfg: RunConfig, cache: ResultCache | None = None, **changes: Any) -> str:
+    """The result key of `run_attempt(cfg, **changes)` (whether it is stored: `cache.stored(KIND, key)`)."""
+    config, inputs, listings = _cache_args(cfg, **changes)
+    return (cache or ResultCache()).key(KIND, config, inputs, listings)
+
+
+def default_workers(cfg: RunConfig, todo: int) -> int:
+    """Processes for `todo` uncached attempts: one per core (at most two) on a CPU; one on a GPU (the attempts
+    would share its memory) and in quick mode (its attempts train in seconds, less than starting a process)."""
+    import os
+
+    import torch
+
+    if todo <= 1 or cfg.quick or torch.cuda.is_available():
+        return 1
+    return max(1, min(2, len(os.sched_getaffinity(0)), todo))
+
+
+def _attempt_worker(args: tuple[RunConfig, dict[str, Any], str, int]) -> str:
+    """Spawned worker: one attempt with the parent's cache folder and torch thread count; returns its key."""
+    cfg, changes, cache_root, threads = args
+    import torch
+
+    torch.set_num_threads(threads)
+    return run_attempt(cfg, ResultCache(cache_root), **changes).result.key
+
+
+def run_attempts(settings: list[tuple[RunConfig, dict[str, Any]]], cache: ResultCache | None = None,
+                 workers: int | None = None) -> list[Attempt]:
+    """`run_attempt(cfg, **changes)` for each (cfg, changes), in order; the uncached ones train side by side.
+
+    Each attempt runs exactly as it would alone (same seed, same torch thread count), so the results equal a
+    one-by-one run; `workers` (default `default_workers`) spawned processes share the work, and each attempt
+    trained here is reported as computed, not reused. Spawned workers need the usual `__main__` guard in a script.
+    """
+    import torch
+
+    cache = cache or ResultCache()
+    keys = [attempt_key(cfg, cache, **changes) for cfg, changes in settings]
+    todo = [i for i, key in enumerate(keys) if not cache.stored(KIND, key)]
+    if workers is None:
+        workers = default_workers(settings[0][0], len(todo)) if settings else 1
+    if workers > 1 and cache.enabled and len(todo) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        print(f"training {len(todo)} attempts in {workers} processes (each as it would run alone)", flush=True)
+        ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no inherited torch thread pools or locks
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            jobs = [pool.submit(_attempt_worker, (settings[i][0], settings[i][1], str(cache.root),
+                                                  torch.get_num_threads())) for i in todo]
+            for job in jobs:
+                job.result()  # re-raises a worker's error here
+    out = []
+    trained_here = {keys[i] for i in todo}
+    for cfg, changes in settings:
+        attempt = run_attempt(cfg, cache, **changes)
+        if attempt.result.key in trained_here and attempt.result.reused:  # trained by a worker of this call
+            attempt.result = replace(attempt.result, reused=False)
+        out.append(attempt)
+    return out
+
+
 def run_attempt(cfg: RunConfig, cache: ResultCache | None = None, **changes: Any) -> Attempt:
     """Train, caption and score the run's setting with `changes` (CaptionerConfig fields), or reuse the result."""
     cache = cache or ResultCache()
     root = Path(cfg.data_root)
     p2 = root / "p2_data"
-    config = effective_config(cfg, **changes)
+    config, inputs, listings = _cache_args(cfg, **changes)
 
     def compute(out: Path) -> dict[str, Any]:
         from captionlab.data import load_captions, save_predictions
@@ -143,8 +213,7 @@ def run_attempt(cfg: RunConfig, cache: ResultCache | None = None, **changes: Any
                 "predictions": str(out / "predictions.json"), "per_image": str(out / "per_image.csv"),
                 "val_images": len(val.stems)}
 
-    result = cache.run(KIND, config, compute, inputs=[p2 / "train.json", p2 / "val.json", *_model_paths(cfg)],
-                       listings=[p2 / "images" / "train", p2 / "images" / "val"])
+    result = cache.run(KIND, config, compute, inputs=inputs, listings=listings)
     value = result.value
     cap = config["captioner"]
     return Attempt(peft=cap["peft"], conditioning=cap["conditioning"], rank=cap.get("lora_rank"),

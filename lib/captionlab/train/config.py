@@ -51,8 +51,10 @@ CAPTIONER_KEYS = {"encoder": "encoder", "decoder": "decoder", "tokenizer": "toke
                   "lora_alpha": "lora_alpha", "trainable_budget": "trainable_budget"}
 TRAIN_KEYS = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "seed": "seed",
               "beam_size": "eval_beam_size"}
-# Quick mode (a smoke test of a notebook): one epoch on a few images.
+# Quick mode (a smoke test of a notebook): one epoch on a few images, at most QUICK_STEPS optimizer steps (a
+# smaller `train.max_steps` is kept; the params file's full-run budget is not).
 QUICK_TRAIN = {"epochs": 1, "train_images": 256, "eval_images": 32}
+QUICK_STEPS = 20
 
 
 def _section(cfg: RunConfig, section: str, cls: type, flat: dict[str, str]) -> dict[str, Any]:
@@ -76,10 +78,12 @@ def captioner_config(cfg: RunConfig, **changes: Any) -> CaptionerConfig:
 
 
 def train_config(cfg: RunConfig, out_dir: str | Path | None = None, **changes: Any) -> TrainConfig:
-    """The TrainConfig of a run (quick mode: one epoch on 256 images, validation on 32)."""
+    """The TrainConfig of a run (quick mode: one epoch on 256 images, at most QUICK_STEPS steps, validation on 32)."""
     values = {field: getattr(cfg, key) for key, field in TRAIN_KEYS.items()}
-    values.update(QUICK_TRAIN if cfg.quick else {})
     values.update(_section(cfg, "train", TrainConfig, TRAIN_KEYS))
+    if cfg.quick:  # quick mode's sizes win over the file's `train:` extras
+        values.update(QUICK_TRAIN)
+        values["max_steps"] = min(values.get("max_steps") or QUICK_STEPS, QUICK_STEPS)
     if out_dir is not None:
         values["out_dir"] = str(out_dir)
     return TrainConfig.from_dict({**values, **changes})

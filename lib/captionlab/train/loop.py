@@ -117,7 +117,7 @@ def _train(captioner_cfg: CaptionerConfig, train_cfg: TrainConfig, data_root: Pa
     model = Captioner(captioner_cfg, verbose=acc.is_main_process)
     train_data = load_split(data_root, "train", cfg.train_images)
     val_data = load_split(data_root, "val", cfg.eval_images) if cfg.eval_images >= 0 else None
-    tokens = [model.encode_captions([c])[0][0] for c in train_data.pair_caption]  # [bos] caption [eos]
+    tokens = [torch.tensor(r) for r in model.caption_token_ids(train_data.pair_caption)]  # [bos] caption [eos]
     n_targets = torch.tensor([len(t) - 1 for t in tokens])
 
     feats = val_feats = None
