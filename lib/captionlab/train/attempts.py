@@ -135,13 +135,18 @@ def default_workers(cfg: RunConfig, todo: int) -> int:
     return max(1, min(2, len(os.sched_getaffinity(0)), todo))
 
 
-def _attempt_worker(args: tuple[RunConfig, dict[str, Any], str, int]) -> str:
-    """Spawned worker: one attempt with the parent's cache folder and torch thread count; returns its key."""
-    cfg, changes, cache_root, threads = args
+def _attempt_worker(args: tuple[RunConfig, dict[str, Any], str, int, str]) -> str:
+    """Spawned worker: one attempt with the parent's cache folder and torch thread count, its progress bars and
+    prints going to `log` (two workers' bars would interleave on the parent's terminal); returns its key."""
+    cfg, changes, cache_root, threads, log = args
+    import contextlib
+
     import torch
 
     torch.set_num_threads(threads)
-    return run_attempt(cfg, ResultCache(cache_root), **changes).result.key
+    Path(log).parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w", encoding="utf-8") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        return run_attempt(cfg, ResultCache(cache_root), **changes).result.key
 
 
 def run_attempts(settings: list[tuple[RunConfig, dict[str, Any]]], cache: ResultCache | None = None,
@@ -163,13 +168,19 @@ def run_attempts(settings: list[tuple[RunConfig, dict[str, Any]]], cache: Result
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        print(f"training {len(todo)} attempts in {workers} processes (each as it would run alone)", flush=True)
+        logs = {i: cache.root / KIND / ".logs" / f"{keys[i]}.log" for i in todo}
+        print(f"training {len(todo)} attempts in {workers} processes (each as it would run alone); "
+              f"progress in {logs[todo[0]].parent}/", flush=True)
         ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no inherited torch thread pools or locks
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            jobs = [pool.submit(_attempt_worker, (settings[i][0], settings[i][1], str(cache.root),
-                                                  torch.get_num_threads())) for i in todo]
-            for job in jobs:
-                job.result()  # re-raises a worker's error here
+            jobs = {i: pool.submit(_attempt_worker, (settings[i][0], settings[i][1], str(cache.root),
+                                                     torch.get_num_threads(), str(logs[i]))) for i in todo}
+            for i, job in jobs.items():
+                try:
+                    job.result()  # re-raises a worker's error here
+                except Exception as e:
+                    raise RuntimeError(f"attempt {settings[i][1] or 'main'} failed ({type(e).__name__}: {e}); "
+                                       f"its log: {logs[i]}") from e
     out = []
     trained_here = {keys[i] for i in todo}
     for cfg, changes in settings:
