@@ -14,7 +14,15 @@ from captionlab import demo
 
 
 def _fake_builder(world_root: Path, out_dir: Path, seed: int) -> None:
-    """Stands in for a trainer: a second of CPU work, then a record of who built it and when."""
+    """Stands in for a trainer: a second of CPU work, then a record of who built it and when. When the world has a
+    `barrier` file it first waits (up to 60 s) until a second builder has started too, so a worker process that
+    boots late does not make two parallel builds look serial (builds that really run one after the other still
+    show it: the first waits out the 60 s alone)."""
+    (world_root / f"started-{os.getpid()}-{out_dir.name}").touch()
+    deadline = time.time() + 60
+    while (world_root / "barrier").exists() and len(list(world_root.glob("started-*"))) < 2 \
+            and time.time() < deadline:
+        time.sleep(0.05)
     t0 = time.time()
     x = 0
     while time.time() - t0 < 1.0:
@@ -43,6 +51,7 @@ def _who(root: Path, name: str) -> dict:
 
 
 def test_independent_builds_overlap_and_dependencies_wait(fake_world: Path) -> None:
+    (fake_world / "barrier").touch()
     out = demo.ensure_models(["fake_a", "fake_b", "fake_c"], seed=3, root=fake_world, workers=2)
     assert set(out) == {"fake_a", "fake_b", "fake_c"} and all(p.is_dir() for p in out.values())
     a, b, c = (_who(fake_world, n) for n in ("fake_a", "fake_b", "fake_c"))

@@ -118,3 +118,15 @@ def test_select_and_parameters_of_the_real_notebooks() -> None:
     assert chosen == {**run, "rank": 8, "epochs": 1}
     with pytest.raises(ConfigError, match="per_notebook.02_train: bogus"):
         runner.notebook_parameters(runner.notebook_path("02"), run, per_notebook={"02_train": {"bogus": 1}})
+
+
+def test_ipc_kernels_get_their_own_sockets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Concurrent report kernels (two runs, xdist workers) must not share IPC socket files: jupyter_client's default
+    path ("kernel-ipc" in the working directory) made one kernel client read another kernel's messages."""
+    from jupyter_core.paths import jupyter_runtime_dir
+
+    monkeypatch.chdir(tmp_path)
+    km = runner.ipc_kernel_manager()
+    a, b = km(), km()
+    assert a.transport == b.transport == "ipc"
+    assert a.ip != b.ip and Path(a.ip).parent == Path(jupyter_runtime_dir()) and not Path(a.ip).is_relative_to(tmp_path)

@@ -141,14 +141,29 @@ def ipc_kernel_manager() -> type:
 
     The kernel and papermill share this machine, so nothing needs a network port; over TCP, ipykernel warns
     "Kernel is running over TCP without encryption" for every notebook. Kernel errors are unaffected."""
+    import uuid
+
     from jupyter_client import AsyncKernelManager
-    from traitlets import CaselessStrEnum
+    from jupyter_core.paths import jupyter_runtime_dir
+    from traitlets import CaselessStrEnum, default
 
     global _IPC_KM
     if _IPC_KM is None:
-        _IPC_KM = type("IPCKernelManager", (AsyncKernelManager,),
-                       {"transport": CaselessStrEnum(["tcp", "ipc"], default_value="ipc", config=True),
-                        "__doc__": "AsyncKernelManager over IPC sockets (in the Jupyter runtime dir)."})
+        class IPCKernelManager(AsyncKernelManager):
+            """AsyncKernelManager over IPC sockets, each kernel's under its own name in the Jupyter runtime dir."""
+
+            transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc", config=True)
+
+            @default("ip")
+            def _unique_ipc_path(self) -> str:
+                # jupyter_client's default, "kernel-ipc" in the working directory when no connection file is set
+                # yet, gives concurrent kernels (two report runs, xdist workers) the same sockets: one kernel then
+                # reads the other's messages ("Invalid Signature").
+                runtime = Path(jupyter_runtime_dir())
+                runtime.mkdir(parents=True, exist_ok=True)
+                return str(runtime / f"kernel-{uuid.uuid4().hex[:12]}-ipc")
+
+        _IPC_KM = IPCKernelManager
     return _IPC_KM
 
 
