@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import stat
 
+import pytest
+
 from captionlab.utils import atomic_path, atomic_write_json, atomic_write_text
 
 
@@ -38,3 +40,25 @@ def test_overwrite_repairs_a_0600_file_from_an_old_run(tmp_path):
         os.umask(old)
     assert path.read_text() == "new" and _mode(path) == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["index.html"]
+
+
+def test_atomic_dir_replaces_only_on_success(tmp_path):
+    from captionlab.utils import atomic_dir
+
+    target = tmp_path / "ckpt"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(ZeroDivisionError):
+        with atomic_dir(target) as tmp:
+            (tmp / "half.txt").write_text("half")
+            1 / 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary folder left behind
+    assert [p.name for p in target.iterdir()] == ["old.txt"]  # the old content is intact
+    old_umask = os.umask(0o022)
+    try:
+        with atomic_dir(target) as tmp:
+            (tmp / "new.txt").write_text("new")
+    finally:
+        os.umask(old_umask)
+    assert [p.name for p in target.iterdir()] == ["new.txt"]
+    assert stat.S_IMODE(target.stat().st_mode) == 0o755  # what mkdir() gives, not mkdtemp's 0700

@@ -11,14 +11,12 @@ import importlib
 import json
 import multiprocessing
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 
-from captionlab.utils import atomic_write_json, cache_dir, file_lock
+from captionlab.utils import atomic_dir, atomic_write_json, cache_dir, file_lock
 
 # name -> ("module:function", version, dependencies). A builder is
 # `fn(world_root: Path, out_dir: Path, seed: int) -> None` and writes a complete checkpoint into out_dir.
@@ -140,20 +138,11 @@ def ensure_model(name: str, seed: int = 0, root: Path | None = None) -> Path:
             return out
         module_name, fn_name = target.split(":")
         builder = getattr(importlib.import_module(module_name), fn_name)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out.parent))
-        try:
+        with atomic_dir(out) as tmp:
             t0, cpu0 = time.perf_counter(), time.process_time()
             builder(root, tmp, seed)
             atomic_write_json(tmp / MARKER, {"name": name, "key": key, "version": MODEL_BUILDERS[name][1],
                                              "seed": seed, "seconds": round(time.perf_counter() - t0, 1),
                                              "cpu_seconds": round(time.process_time() - cpu0, 1),
                                              "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-            if not out.parent.is_dir():  # the world was rebuilt (and its models removed) while we trained
-                raise RuntimeError(f"{out.parent} vanished while building {name}; run again")
-            if out.exists():
-                shutil.rmtree(out)
-            tmp.rename(out)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -53,6 +54,26 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh hidden directory next to `path`; when the block succeeds it replaces `path` (an existing
+    `path` is removed first), when it fails or is killed it is removed: `path` is never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        if not path.parent.is_dir():  # e.g. the demo world was rebuilt (its models removed) meanwhile
+            raise RuntimeError(f"{path.parent} vanished while {path.name} was being written; run again")
+        os.chmod(tmp, 0o777 & ~_current_umask())  # mkdtemp makes 0700: use what mkdir() gives
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -27,13 +27,11 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from captionlab.utils import atomic_write_json, atomic_write_text, cache_dir, file_lock
+from captionlab.utils import atomic_dir, atomic_write_json, atomic_write_text, cache_dir, file_lock
 
 GENERATOR_VERSION = 2
 LLAVA_TEXT_LAYERS = 1  # llava-1.5-7b: 32 Llama blocks (one proves the shapes; each costs ~0.4 GB and 1/2 of 01)
@@ -73,18 +71,10 @@ def ensure_rehearsal(root: Path | None = None, force: bool = False) -> Path:
         marker = root / "world.json"
         if not force and marker.exists() and json.loads(marker.read_text()).get("generator_version") == GENERATOR_VERSION:
             return root
-        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-        try:
+        with atomic_dir(root) as tmp:
             t0 = time.time()
             build_rehearsal(tmp)
-            info = world_info_dict(round(time.time() - t0, 1))
-            atomic_write_json(tmp / "world.json", info)
-            if root.exists():
-                shutil.rmtree(root)
-            tmp.rename(root)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+            atomic_write_json(tmp / "world.json", world_info_dict(round(time.time() - t0, 1)))
     return root
 
 

@@ -18,7 +18,7 @@ from captionlab.models.specs import parse_spec
 from captionlab.params import RunConfig
 from captionlab.resultcache import CachedResult, ResultCache
 from captionlab.train.config import captioner_config, train_config
-from captionlab.utils import atomic_write_json
+from captionlab.utils import atomic_dir, atomic_write_json
 
 KIND = "train_attempt"
 # CaptionerConfig fields that only matter for one PEFT method / one conditioning.
@@ -60,12 +60,8 @@ class Attempt:
     def copy_checkpoint(self, dest: str | Path) -> Path:
         """Copy the best checkpoint to `dest` (replaced atomically), e.g. where 03 and 04 expect it."""
         dest = Path(dest)
-        tmp = dest.with_name(f".{dest.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(self.checkpoint, tmp)
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
+        with atomic_dir(dest) as tmp:
+            shutil.copytree(self.checkpoint, tmp, dirs_exist_ok=True)
         return dest
 
 
