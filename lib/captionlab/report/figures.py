@@ -118,15 +118,24 @@ def bar_chart(df: Any, x: str, metrics: Sequence[str], title: str = "") -> Any:
     import matplotlib.pyplot as plt
 
     metrics = [m for m in metrics if m in df.columns]
-    fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(3.2 * max(1, len(metrics)), 3.0), squeeze=False)
     labels = [str(v) for v in df[x]]
+    # many or long labels (e.g. 04's method x layer rows): vertical tick labels and values, wider panels
+    crowded = len(labels) > 6 or max((len(t) for t in labels), default=0) * len(labels) > 40
+    width = max(3.2, 0.32 * len(labels)) if crowded else 3.2
+    fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(width * max(1, len(metrics)), 3.6 if crowded else 3.0),
+                             squeeze=False)
     for ax, m in zip(axes[0], metrics):
         ax.bar(labels, df[m], color="#4c72b0")
         ax.set_title(m)
         ax.set_xlabel(x)
+        if crowded:
+            ax.tick_params(axis="x", labelrotation=90, labelsize=7)
         for i, v in enumerate(df[m]):
             label = f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"
-            ax.annotate(label, (i, v), ha="center", va="bottom", fontsize=8)
+            ax.annotate(label, (i, v), ha="center", va="bottom", fontsize=6 if crowded else 8,
+                        rotation=90 if crowded else 0)
+        if crowded:
+            ax.margins(y=0.25)  # room for the vertical values above the tallest bar
     if title:
         fig.suptitle(title)
     fig.tight_layout()
