@@ -112,18 +112,6 @@ def _is_built(name: str, root: Path) -> bool:
     return marker.exists() and json.loads(marker.read_text()).get("key") == build_key(name)
 
 
-def build_times(seed: int = 0, root: Path | None = None) -> dict[str, dict[str, float | None]]:
-    """Wall and CPU seconds of the cached world and demo model builds (None where not built), in build order."""
-    root = Path(root) if root else world_root(seed)
-    out: dict[str, dict[str, float | None]] = {}
-    markers = {"world": root / "world.json", **{n: root / "models" / n / MARKER for n in MODEL_BUILDERS}}
-    for name, marker in markers.items():
-        info = json.loads(marker.read_text()) if marker.exists() else {}
-        out[name] = {"seconds": info.get("seconds", info.get("build_seconds")),
-                     "cpu_seconds": info.get("cpu_seconds", info.get("build_cpu_seconds"))}
-    return out
-
-
 def ensure_model(name: str, seed: int = 0, root: Path | None = None) -> Path:
     """Train the tiny demo model `name` on the demo world (if missing or stale) and return its directory."""
     key = build_key(name)  # raises KeyError for an unknown name

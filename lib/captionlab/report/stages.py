@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-MODEL_MARKER = "captionlab_build.json"
+from captionlab.demo import MARKER as MODEL_MARKER  # each demo model's build record
 
 
 @dataclass
