@@ -37,7 +37,8 @@ class CaptionSet:
         return Path(image_dir) / self.file_names[stem]
 
 
-def _read_json(path: str | os.PathLike, what: str) -> Any:
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """The parsed JSON file `path` (`what` it is names it in errors: missing, invalid JSON, not UTF-8)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: {what} file not found")
@@ -58,7 +59,7 @@ def _few(items: Iterable[Any], n: int = 5) -> str:
 def load_captions(json_path: str | os.PathLike) -> CaptionSet:
     """Read a course annotation file {"images": [...], "annotations": [...]} and validate it strictly."""
     path = Path(json_path)
-    data = _read_json(path, "annotation")
+    data = read_json(path, "annotation")
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object with 'images' and 'annotations', got {type(data).__name__}")
     missing = [k for k in ("images", "annotations") if k not in data]
@@ -112,7 +113,7 @@ def load_captions(json_path: str | os.PathLike) -> CaptionSet:
 def load_predictions(path: str | os.PathLike, expected: Iterable[str] | None = None) -> dict[str, str]:
     """Read a predictions JSON {stem: caption}; with `expected`, require exactly that key set."""
     path = Path(path)
-    data = _read_json(path, "predictions")
+    data = read_json(path, "predictions")
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object {{file_stem: caption}}, got {type(data).__name__}")
     bad = [k for k, v in data.items() if not isinstance(v, str)]
@@ -184,7 +185,7 @@ def write_zeroshot_csv(path: str | os.PathLike, predictions: Mapping[str, int]) 
 def load_id2label(path: str | os.PathLike) -> dict[int, str]:
     """Read id2label.json {"0": "red circle", ...} into {0: "red circle", ...}."""
     path = Path(path)
-    data = _read_json(path, "id2label")
+    data = read_json(path, "id2label")
     if not isinstance(data, dict) or not data:
         raise DataError(f"{path}: expected a non-empty JSON object {{\"0\": label, ...}}")
     try:
@@ -203,7 +204,7 @@ _OBJ_KEYS = ("id", "colour", "shape", "size", "bbox")
 def load_objects(path: str | os.PathLike) -> dict[str, list[dict[str, Any]]]:
     """Read an objects JSON {stem: [{"id", "colour", "shape", "size", "bbox": [x0, y0, x1, y1]}]}, validated."""
     path = Path(path)
-    data = _read_json(path, "objects")
+    data = read_json(path, "objects")
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object {{stem: [objects]}}, got {type(data).__name__}")
     for stem, objs in data.items():

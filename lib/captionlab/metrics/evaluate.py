@@ -66,20 +66,14 @@ class EvalResult:
 
 def load_result(summary_path: str | os.PathLike) -> EvalResult:
     """Read back an EvalResult written by `EvalResult.save` (from its summary JSON)."""
+    from captionlab.data.captions import read_json
+
     summary_path = Path(summary_path)
-    try:
-        summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{summary_path}: evaluation summary not found") from None
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{summary_path}: invalid JSON ({exc.msg})") from None
+    summary = read_json(summary_path, "evaluation summary")
     per_image_path = Path(summary.get("outputs", {}).get("per_image_json", ""))
     if not per_image_path.is_file():
         per_image_path = summary_path.with_name(summary_path.name.replace(".summary.json", ".per_image.json"))
-    try:
-        records = json.loads(per_image_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{per_image_path}: per-image results not found (next to {summary_path.name})") from None
+    records = read_json(per_image_path, f"per-image results (next to {summary_path.name})")
     return EvalResult(summary=summary, per_image=pd.DataFrame.from_records(records))
 
 
