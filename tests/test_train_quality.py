@@ -18,8 +18,8 @@ def test_lora_captioner_beats_most_common_caption(demo_captioner) -> None:
 
 @pytest.mark.slow
 def test_cross_attention_captioner_beats_most_common_caption(demo_cross_captioner) -> None:
-    """Gated cross-attention conditioning (params/demo.yaml's setting: LoRA rank 4 + a cross layer in front of each
-    of the 4 decoder blocks, no CLS, linear projector) learns from the image too."""
+    """Gated cross-attention conditioning (params/demo.yaml's setting: LoRA rank 4 + a 64-wide cross layer in front
+    of each of the 4 decoder blocks, no CLS, linear projector, 150 steps) learns from the image too."""
     from safetensors.torch import load_file
 
     history, best_dir = demo_cross_captioner
@@ -27,7 +27,6 @@ def test_cross_attention_captioner_beats_most_common_caption(demo_cross_captione
     baseline, best = history["baseline"]["CIDEr"], history["best"]["CIDEr"]
     assert best >= 3 * baseline, f"cross: val CIDEr {best:.3f} < 3 x baseline {baseline:.3f}"
     gates = {k: float(v) for k, v in load_file(str(best_dir / "trainable.safetensors")).items() if "gate_" in k}
-    # training opened the gates (zero at init); measured: 7 of 8 beyond 1e-3, the first block's attention gate stays
-    # near zero (-4e-4) in this configuration
-    assert len(gates) == 8 and sum(abs(g) > 1e-3 for g in gates.values()) >= 6
+    # training opened the gates (zero at init); measured: all 8 beyond 1e-3 (smallest |gate| 0.007, largest 0.14)
+    assert len(gates) == 8 and all(abs(g) > 1e-3 for g in gates.values())
     assert max(abs(g) for g in gates.values()) > 1e-2
