@@ -160,9 +160,11 @@ def tiny_captioner_models(demo_world: Path, tmp_path_factory: pytest.TempPathFac
     return {"encoder": f"hfclip:{out / 'clip'}", "decoder": str(out / "gpt2"), "root": str(out)}
 
 
-def _trained_captioner(name: str, demo_world: Path, lr: float = 5e-3, **captioner: object) -> tuple[dict, Path]:
-    """Train a captioner on 2400 demo images for 2 epochs (LoRA rank 4) once: cached by its full configuration and
-    the world's and models' fingerprints (captionlab.resultcache), so xdist workers and reruns share one training."""
+@pytest.fixture(scope="session")
+def demo_captioner(demo_world: Path, demo_clip: Path, demo_gpt2: Path) -> tuple[dict, Path]:
+    """A LoRA captioner (rank 4, <1 % of the decoder), prefix conditioning, trained on 2400 demo images for 2 epochs
+    once: cached by its full configuration and the world's and models' fingerprints (captionlab.resultcache), so
+    xdist workers and reruns share one training: (history, best checkpoint dir)."""
     from dataclasses import asdict
 
     from captionlab.models.captioner import CaptionerConfig
@@ -171,23 +173,17 @@ def _trained_captioner(name: str, demo_world: Path, lr: float = 5e-3, **captione
 
     models = demo_world / "models"
     cap = CaptionerConfig(encoder=f"hfclip:{models / 'clip'}", decoder=str(models / "gpt2" / "decoder_model.bin"),
-                          peft="lora", lora_rank=4, lora_dropout=0.0, **captioner)
-    train_kw = dict(train_images=2400, eval_images=100, batch_size=32, epochs=2, lr=lr, warmup_steps=10)
+                          peft="lora", lora_rank=4, lora_dropout=0.0)
+    train_kw = dict(train_images=2400, eval_images=100, batch_size=32, epochs=2, lr=5e-3, warmup_steps=10)
 
     def compute(out: Path) -> dict:
         return {"history": train(cap, TrainConfig(**train_kw, out_dir=str(out)), demo_world), "best": str(out / "best")}
 
     p2 = demo_world / "p2_data"
-    res = ResultCache().run(f"test-captioner-{name}", {"captioner": asdict(cap), "train": train_kw}, compute,
+    res = ResultCache().run("test-captioner-prefix", {"captioner": asdict(cap), "train": train_kw}, compute,
                             inputs=[p2 / "train.json", p2 / "val.json", models / "clip", models / "gpt2"],
                             listings=[p2 / "images"])
     return res.value["history"], Path(res.value["best"])
-
-
-@pytest.fixture(scope="session")
-def demo_captioner(demo_world: Path, demo_clip: Path, demo_gpt2: Path) -> tuple[dict, Path]:
-    """A LoRA captioner (rank 4, <1 % of the decoder), prefix conditioning: (history, best checkpoint dir)."""
-    return _trained_captioner("prefix", demo_world)
 
 
 @pytest.fixture(scope="session")

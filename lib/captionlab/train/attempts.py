@@ -128,7 +128,7 @@ def default_workers(cfg: RunConfig, todo: int) -> int:
 
     if todo <= 1 or cfg.quick or torch.cuda.is_available():
         return 1
-    return max(1, min(2, len(os.sched_getaffinity(0)), todo))
+    return min(2, len(os.sched_getaffinity(0)), todo)
 
 
 def _attempt_worker(args: tuple[RunConfig, dict[str, Any], str, int, str]) -> str:
