@@ -91,7 +91,9 @@ def test_whitened_patch_embedding_decorrelates_training_patches() -> None:
     from captionlab.models.clip_train import ClipTrainConfig, build_model, init_patch_whitening
 
     torch.manual_seed(0)
-    model = build_model(ClipTrainConfig(), vocab_size=50)
+    cfg = ClipTrainConfig()
+    model = build_model(cfg, vocab_size=50)
+    d, k = cfg.hidden, cfg.hidden // 2
     rng = np.random.default_rng(0)
     smooth = rng.random((200, 3, 8, 8)).repeat(8, 2).repeat(8, 3)  # 64x64 images of 8x8 blocks...
     pixels = (255 * (0.7 * smooth + 0.3 * rng.random((200, 3, 64, 64)))).astype(np.uint8)  # ...plus noise
@@ -99,8 +101,8 @@ def test_whitened_patch_embedding_decorrelates_training_patches() -> None:
     x = (torch.from_numpy(pixels).float() / 255 - torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)) \
         / torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
     with torch.no_grad():
-        out = model.vision_model.embeddings.patch_embedding(x).flatten(2).transpose(1, 2).reshape(-1, 128)
-    half = out[:, :64]
+        out = model.vision_model.embeddings.patch_embedding(x).flatten(2).transpose(1, 2).reshape(-1, d)
+    half = out[:, :k]
     cov = torch.cov(half.t())
-    assert torch.allclose(cov, torch.eye(64), atol=0.05)  # unit variance, uncorrelated
-    assert torch.allclose(out[:, 64:], -half)  # the +/- pairs
+    assert torch.allclose(cov, torch.eye(k), atol=0.05)  # unit variance, uncorrelated
+    assert torch.allclose(out[:, k:], -half)  # the +/- pairs

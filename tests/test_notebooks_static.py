@@ -73,3 +73,17 @@ def test_no_generator_owns_the_notebooks() -> None:
     assert not (NB_DIR / "_build.py").exists()
     attrs = (REPO_ROOT / ".gitattributes").read_text()
     assert "*.ipynb filter=nbstripout" in attrs
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_runner_knows_the_models_each_notebook_prepares(path: Path) -> None:
+    """The report runner starts a notebook once the demo models in context.NOTEBOOK_MODELS are built: that must be
+    what the notebook's `report.start(..., models=[...])` asks for."""
+    from captionlab.report.context import NOTEBOOK_MODELS
+
+    calls = [node for cell in committed(path).cells if cell.cell_type == "code"
+             for node in ast.walk(ast.parse(cell.source)) if isinstance(node, ast.Call)
+             and getattr(node.func, "attr", getattr(node.func, "id", None)) == "start"]
+    assert len(calls) == 1, f"{path.name}: one report.start(...) call"
+    models = next((ast.literal_eval(k.value) for k in calls[0].keywords if k.arg == "models"), [])
+    assert tuple(models) == NOTEBOOK_MODELS[path.stem]

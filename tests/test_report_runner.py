@@ -130,3 +130,84 @@ def test_ipc_kernels_get_their_own_sockets(tmp_path: Path, monkeypatch: pytest.M
     a, b = km(), km()
     assert a.transport == b.transport == "ipc"
     assert a.ip != b.ip and Path(a.ip).parent == Path(jupyter_runtime_dir()) and not Path(a.ip).is_relative_to(tmp_path)
+
+
+TIMED_CELL = """
+import json, time
+from pathlib import Path
+t0 = time.time()
+ballast = bytearray({mb} * 2**20)  # resident memory this kernel holds
+time.sleep(2.0)
+out = Path(run_dir) / "{name}"
+out.mkdir(parents=True, exist_ok=True)
+(out / "span.json").write_text(json.dumps([t0, time.time()]))
+{extra}
+"""
+
+
+@pytest.fixture()
+def side_by_side(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Three notebooks: `a_big` and `b_small` independent, `c_after` reads a_big's output (context.NEEDS)."""
+    from captionlab.report import context
+
+    nbdir = tmp_path / "notebooks"
+    nbdir.mkdir()
+    params = 'params_file = "params/demo.yaml"\nrun_dir = ""'
+    _write(nbdir / "a_big.ipynb", params, TIMED_CELL.format(name="a_big", mb=400, extra=""))
+    _write(nbdir / "b_small.ipynb", params, TIMED_CELL.format(name="b_small", mb=0, extra=""))
+    _write(nbdir / "c_after.ipynb", params, TIMED_CELL.format(
+        name="c_after", mb=0, extra="assert (Path(run_dir) / 'a_big' / 'span.json').exists()"))
+    monkeypatch.setattr(runner, "NOTEBOOK_DIR", nbdir)
+    monkeypatch.setattr(runner, "ORDER", ("a_big", "b_small", "c_after"))
+    monkeypatch.setitem(context.NEEDS, "c_after", {"a_big": ["{run_dir}/a_big/span.json"]})
+    (tmp_path / "data").mkdir()
+    (tmp_path / "p.yaml").write_text(f"base: params/demo.yaml\nworld: real\ndata_root: {tmp_path / 'data'}\n")
+    return tmp_path
+
+
+def _span(out: Path, name: str) -> tuple[float, float]:
+    t0, t1 = json.loads((out / name / "span.json").read_text())
+    return t0, t1
+
+
+def test_notebooks_run_side_by_side_in_dependency_order(side_by_side: Path) -> None:
+    out = side_by_side / "report"
+    result = runner.run_report(side_by_side / "p.yaml", out_dir=out, pdf=False, progress=False, jobs=2)
+    assert [s.name for s in result.sections] == ["a_big", "b_small", "c_after"]  # the index keeps the order
+    assert [s.status for s in result.sections] == ["ok", "ok", "ok"]
+    (a0, a1), (b0, b1), (c0, _) = (_span(out, n) for n in ("a_big", "b_small", "c_after"))
+    assert b0 < a1 and a0 < b1  # a_big and b_small ran at the same time
+    assert c0 >= a1  # c_after started after what it reads was written
+    peak = {s.name: s.extras["peak_memory_mb"] for s in result.sections}
+    assert peak["a_big"] > 400 and 0 < peak["b_small"] < 300  # each section measures its own kernel only
+
+
+def test_after_a_failure_nothing_new_starts(side_by_side: Path) -> None:
+    _write(side_by_side / "notebooks" / "a_big.ipynb", 'run_dir = ""', "import time\ntime.sleep(0.5)\n1 / 0")
+    out = side_by_side / "report"
+    with pytest.raises(NotebookError, match="a_big.ipynb"):
+        runner.run_report(side_by_side / "p.yaml", out_dir=out, pdf=False, progress=False, jobs=2)
+    report = json.loads((out / "report.json").read_text())
+    assert [s["status"] for s in report["sections"]] == ["failed", "ok", "not run"]  # b_small ran to its end
+
+
+def test_a_notebook_waits_for_its_demo_models(tmp_path: Path) -> None:
+    """While the background build runs, a notebook is ready only once the models it uses are built."""
+    from captionlab.demo import MARKER, build_key
+    from captionlab.params import load_config
+
+    cfg = load_config("params/demo.yaml", {"data_root": str(tmp_path)})
+    (tmp_path / "world.json").write_text("{}")
+
+    class Building:  # a model build still running
+        def poll(self):
+            return None
+
+    names = ["00_demo_world", "05_clip_zero_shot", "01_llava_prompts"]
+    assert runner._ready("00_demo_world", cfg, names, set(), Building())
+    assert not runner._ready("05_clip_zero_shot", cfg, names, set(), Building())
+    (tmp_path / "models" / "clip").mkdir(parents=True)
+    (tmp_path / "models" / "clip" / MARKER).write_text(json.dumps({"key": build_key("clip")}))
+    assert runner._ready("05_clip_zero_shot", cfg, names, set(), Building())
+    assert not runner._ready("01_llava_prompts", cfg, names, set(), Building())  # llava is still building
+    assert runner._ready("01_llava_prompts", cfg, names, set(), None)  # no build running: it builds what it needs

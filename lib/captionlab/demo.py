@@ -23,9 +23,9 @@ from captionlab.utils import atomic_dir, atomic_write_json, cache_dir, file_lock
 # Bump the version when the builder's output changes; a checkpoint is also rebuilt when the world's generator
 # version or a dependency's build key changes (the LLaVA stand-in reuses the tiny CLIP's vision tower).
 MODEL_BUILDERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "clip": ("captionlab.models.clip_train:train_tiny_clip", "3", ()),
+    "clip": ("captionlab.models.clip_train:train_tiny_clip", "4", ()),
     "gpt2": ("captionlab.models.gpt2_train:train_tiny_gpt2", "1", ()),
-    "llava": ("captionlab.models.llava_train:train_tiny_llava", "1", ("clip",)),
+    "llava": ("captionlab.models.llava_train:train_tiny_llava", "2", ("clip",)),
 }
 MARKER = "captionlab_build.json"
 

@@ -19,6 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--hide-input", action="store_true", help="hide code cells in the HTML/PDF")
     run.add_argument("--no-pdf", action="store_true", help="HTML only")
     run.add_argument("--skip-check", action="store_true", help="do not run the preflight check first")
+    run.add_argument("--jobs", type=int, default=None,
+                     help="notebooks run side by side (default: 2 on the demo world with 2+ cores, else 1)")
     run.set_defaults(func=_run)
 
     check = sub.add_parser("check", help="preflight: data, annotations, model specs, tokenizer, Java, Chromium, "
@@ -64,7 +66,7 @@ def _run(args: argparse.Namespace) -> int:
                               "fix them or pass --skip-check")
 
     result = run_report(args.params, out_dir=args.out, notebooks=args.only, quick=args.quick,
-                        pdf=not args.no_pdf, hide_input=args.hide_input)
+                        pdf=not args.no_pdf, hide_input=args.hide_input, jobs=args.jobs)
     from captionlab.report.stages import format_table
 
     print(format_table(result.stages))

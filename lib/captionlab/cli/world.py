@@ -17,7 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--root", type=Path, default=None, help="output directory (default: the cache's demo/seed<S>)")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--force", action="store_true", help="rebuild even if an up-to-date world exists")
-    build.add_argument("--models", action="store_true", help="also train the tiny demo models (clip, gpt2, llava)")
+    build.add_argument("--models", nargs="*", choices=DEMO_MODELS, default=None, metavar="NAME",
+                       help="also train the tiny demo models: the ones named, or all (clip, gpt2, llava)")
     build.add_argument("--rehearsal", action="store_true",
                        help="build the rehearsal world instead: hw3_data-shaped photos + random-weight checkpoints "
                             "at the real shapes (params/rehearsal.yaml; {cache}/rehearsal, ~2.6 GB)")
@@ -53,8 +54,8 @@ def _build(args: argparse.Namespace) -> int:
     info = world.world_info(root)
     print(f"world: {root} (generator v{info['generator_version']}, seed {info['seed']}, "
           f"built in {info['build_seconds']} s)")
-    if args.models:
-        for name, path in ensure_models(DEMO_MODELS, args.seed, root).items():
+    if args.models is not None:
+        for name, path in ensure_models(args.models or DEMO_MODELS, args.seed, root).items():
             print(f"model {name}: {path}")
     return 0
 

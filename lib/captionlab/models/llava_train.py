@@ -55,7 +55,10 @@ _EXTRA_WORDS = (
 
 @dataclass
 class TinyLlavaConfig:
-    """Sizes and schedule of the demo LLaVA (defaults: about 1-2 CPU minutes on the demo world)."""
+    """Sizes and schedule of the demo LLaVA (defaults: about 1 CPU minute on the demo world).
+
+    Steps (150, 200, 400), was (300, 300, 600): with the 64-wide tiny CLIP both schedules measured the same on the
+    demo world (p1 val CIDEr 6.8x vs 6.6x the most common caption; best pointing 0.57 vs 0.55 on 40 val images)."""
 
     hidden_size: int = 128
     intermediate_size: int = 352
@@ -63,7 +66,7 @@ class TinyLlavaConfig:
     num_heads: int = 4
     vocab_size: int = 1000
     batch_size: int = 16
-    steps: tuple[int, int, int] = (300, 300, 600)  # stage 0 (LM), 1 (projector), 2 (projector + LM)
+    steps: tuple[int, int, int] = (150, 200, 400)  # stage 0 (LM), 1 (projector), 2 (projector + LM)
     lr: tuple[float, float, float] = (3e-3, 3e-3, 2e-3)
     max_train_images: int | None = 2000
     threads: int = 1  # tiny matmuls: one thread is as fast, and results do not depend on the core count
@@ -177,6 +180,17 @@ def _pad_right(seqs: list[list[int]], pad_id: int, fill: int | None = None) -> t
     return torch.tensor([s + [pad_id if fill is None else fill] * (width - len(s)) for s in seqs])
 
 
+def _answer_logits_only(batch: dict) -> dict:
+    """`batch` with `logits_to_keep` set so the LM head projects only the trailing positions that predict a labelled
+    token (the image and prompt positions are most of a sequence); the labels are cut to the same window. HF's
+    causal-LM loss shifts within it, so the loss is the one over the full sequence."""
+    labels = batch["labels"]
+    width = labels.shape[1]
+    first = int((labels != -100).int().argmax(1).min())  # earliest labelled position of any row
+    keep = min(width, width - first + 1)  # from the position that predicts it
+    return {**batch, "labels": labels[:, width - keep:], "logits_to_keep": keep}
+
+
 def _train_stage(model, params, steps: int, lr: float, batch_fn, desc: str, gen: torch.Generator) -> float:
     """AdamW + warmup/cosine over `steps` batches from `batch_fn(gen)`; returns the mean loss of the last 10%."""
     from transformers import get_cosine_schedule_with_warmup
@@ -190,7 +204,7 @@ def _train_stage(model, params, steps: int, lr: float, batch_fn, desc: str, gen:
     tail: list[float] = []
     bar = tqdm(range(steps), desc=desc, leave=False)
     for step in bar:
-        loss = model(**batch_fn(gen)).loss
+        loss = model(**_answer_logits_only(batch_fn(gen))).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

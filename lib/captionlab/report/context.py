@@ -28,6 +28,17 @@ from captionlab.utils import atomic_write_json, run_metadata, set_seed
 # What a notebook reads from other notebooks' outputs: {notebook: {upstream notebook: [paths]}} (placeholders are
 # run configuration fields). `start` checks them before anything is built; `captionlab report run --only`
 # adds the upstream notebooks whose outputs are missing.
+# The demo models each notebook's `start(...)` prepares (the report runner builds them in the background and starts a
+# notebook once its models are built; tests/test_notebooks_static.py checks this against the notebooks).
+NOTEBOOK_MODELS: dict[str, tuple[str, ...]] = {
+    "00_demo_world": (),
+    "01_llava_prompts": ("llava", "clip"),
+    "02_train": ("clip", "gpt2"),
+    "03_evaluate": ("clip", "gpt2"),
+    "04_attention": ("llava", "clip", "gpt2"),
+    "05_clip_zero_shot": ("clip",),
+    "06_vit_analysis": ("clip",),
+}
 NEEDS: dict[str, dict[str, list[str]]] = {
     "03_evaluate": {"02_train": ["{checkpoint}"]},
     "04_attention": {"02_train": ["{checkpoint}"], "03_evaluate": ["{run_dir}/03_evaluate/clipscore_pairs.csv"]},

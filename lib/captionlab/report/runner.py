@@ -10,6 +10,10 @@ notebook, the cell and the exception; what ran so far is still rendered and inde
 
 from __future__ import annotations
 
+import contextvars
+import os
+import signal
+import subprocess
 import sys
 import time
 import warnings
@@ -154,6 +158,12 @@ def ipc_kernel_manager() -> type:
 
             transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc", config=True)
 
+            async def _async_launch_kernel(self, kernel_cmd: list[str], **kw: Any) -> None:
+                await super()._async_launch_kernel(kernel_cmd, **kw)
+                pids = _KERNEL_PIDS.get()
+                if pids is not None and getattr(self.provisioner, "pid", None):
+                    pids.append(self.provisioner.pid)  # the run that started it measures its memory
+
             @default("ip")
             def _unique_ipc_path(self) -> str:
                 # jupyter_client's default, "kernel-ipc" in the working directory when no connection file is set
@@ -168,6 +178,10 @@ def ipc_kernel_manager() -> type:
 
 
 _IPC_KM: type | None = None
+# The kernel processes a notebook execution started (set per worker thread by `_execute_section`), so each
+# section's peak memory is its own kernel's while notebooks run side by side.
+_KERNEL_PIDS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("captionlab_kernel_pids",
+                                                                                  default=None)
 
 
 def execute_notebook(notebook: str | Path, output: str | Path, parameters: dict[str, Any],
@@ -211,8 +225,13 @@ def _render(section: Section, out_dir: Path, hide_input: bool, pdf: bool, notes:
 def run_report(params_file: str | Path, out_dir: str | Path | None = None,
                notebooks: Sequence[str] | str | None = None, quick: bool = False, render_html: bool = True,
                pdf: bool = True, hide_input: bool = False, kernel_name: str | None = None,
-               progress: bool = True) -> ReportResult:
-    """Execute the report notebooks in order, render each to HTML (+PDF), write index.html; stop at the first failure."""
+               progress: bool = True, jobs: int | None = None) -> ReportResult:
+    """Execute the report notebooks, render each to HTML (+PDF), write index.html; stop at the first failure.
+
+    Up to `jobs` notebooks run at once (default: `default_jobs`), each when the notebooks whose outputs it reads
+    (`context.NEEDS`) have finished; in the demo world, the tiny models the run needs build in a background process
+    meanwhile, and a notebook starts once its models (`context.NOTEBOOK_MODELS`) are built. The sections keep their
+    numbered order in the index whatever order they ran in."""
     t_start = time.time()
     params_path = repo_path(params_file)
     out = Path(out_dir) if out_dir else REPO_ROOT / "reports" / params_path.stem
@@ -238,26 +257,15 @@ def run_report(params_file: str | Path, out_dir: str | Path | None = None,
         pdf = False
 
     sections = [Section(p.stem) for p in paths]
-    failure: NotebookError | None = None
-    for i, (path, section) in enumerate(zip(paths, sections), 1):
-        print(f"[{i}/{len(paths)}] {path.stem}", file=sys.stderr, flush=True)
-        t0 = time.time()
-        section.notebook = out / f"{path.stem}.ipynb"
-        (out / path.stem / render.HEADLINE).unlink(missing_ok=True)  # never show a previous run's numbers
-        try:
-            with PeakMemory() as mem:  # the kernel's resident memory, sampled while it runs
-                execute_notebook(path, section.notebook, notebook_parameters(path, run, per_notebook=cfg.per_notebook),
-                                 kernel_name=kernel_name, progress=progress)
-            section.status = "ok"
-        except NotebookError as exc:
-            section.status, section.error, failure = "failed", str(exc), exc
-        section.seconds = time.time() - t0
-        section.extras["peak_memory_mb"] = mem.peak_mb
-        section.headline = render.read_headline(out / path.stem)
-        if render_html:
-            _render(section, out, hide_input, pdf, notes)
-        if failure:
-            break
+    jobs = jobs if jobs is not None else default_jobs(cfg)
+    builder = _start_model_builds(cfg, [p.stem for p in paths], out)
+    try:
+        failure = _execute_sections(paths, sections, cfg, run, out, jobs, builder, kernel_name, progress,
+                                    render_html, hide_input, pdf, notes)
+    finally:
+        if builder is not None and builder.poll() is None:  # a notebook failed while models were still building
+            os.killpg(builder.pid, signal.SIGTERM)  # builds write into a temporary folder: nothing half-built
+            builder.wait()
 
     title = cfg.title or f"captionlab report — {params_path.stem}"
     info = {"params": _rel(params_path), "world": cfg.world, "quick": "yes" if quick else None,
@@ -282,6 +290,125 @@ def run_report(params_file: str | Path, out_dir: str | Path | None = None,
     if failure:
         raise NotebookError(f"{failure}\n  report so far: {index}")
     return ReportResult(out, sections, index, combined, time.time() - t_start, notes, stages)
+
+
+def default_jobs(cfg: Any) -> int:
+    """Notebooks run side by side: two on the demo world when the machine has two cores or more (its models are
+    tiny, and most cells use one core), one otherwise (a real model fills a GPU or all cores by itself)."""
+    if cfg.world != "demo":
+        return 1
+    return max(1, min(2, len(os.sched_getaffinity(0))))
+
+
+def _start_model_builds(cfg: Any, names: Sequence[str], out: Path) -> subprocess.Popen | None:
+    """Demo world: build the models the notebooks `names` need, in a background process, when any is missing."""
+    if cfg.world != "demo":
+        return None
+    from captionlab.demo import is_built
+    from captionlab.report.context import NOTEBOOK_MODELS
+
+    root = Path(cfg.data_root).expanduser()
+    models = list(dict.fromkeys(m for n in names for m in NOTEBOOK_MODELS.get(n, ())))
+    if all(is_built(m, cfg.seed, root) for m in models) and (root / "world.json").exists():
+        return None
+    log = out / "model-build.log"
+    with open(log, "ab") as fh:  # the child keeps its own descriptor
+        return subprocess.Popen([sys.executable, "-m", "captionlab.cli", "world", "build", "--seed", str(cfg.seed),
+                                 "--root", str(root), "--models", *models],
+                                stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _ready(name: str, cfg: Any, names: Sequence[str], done: set[str], builder: subprocess.Popen | None) -> bool:
+    """Whether notebook `name` can start: the notebooks of this run it reads from are done, its models are built
+    (or nothing builds them: then it builds them itself, or says what is missing)."""
+    from captionlab.report.context import NEEDS, NOTEBOOK_MODELS
+
+    if any(up in names and up not in done for up in NEEDS.get(name, {})):
+        return False
+    if builder is None or builder.poll() is not None:
+        return True
+    from captionlab.demo import is_built
+
+    root = Path(cfg.data_root).expanduser()
+    return (root / "world.json").exists() and all(is_built(m, cfg.seed, root) for m in NOTEBOOK_MODELS.get(name, ()))
+
+
+def _execute_sections(paths: list[Path], sections: list[Section], cfg: Any, run: dict[str, Any], out: Path,
+                      jobs: int, builder: subprocess.Popen | None, kernel_name: str | None, progress: bool,
+                      render_html: bool, hide_input: bool, pdf: bool, notes: list[str]) -> NotebookError | None:
+    """Run the notebooks (up to `jobs` at once, each once it is `_ready`), rendering each as it finishes; after
+    a failure nothing new starts. Returns the first failure."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    names = [p.stem for p in paths]
+    todo = list(zip(paths, sections))
+    done: set[str] = set()
+    failure: NotebookError | None = None
+    started = 0
+    kernels: list[list[int]] = []  # each notebook's kernel pids, to stop them if this run is interrupted
+
+    def one(path: Path, section: Section) -> NotebookError | None:
+        t0 = time.time()
+        section.notebook = out / f"{path.stem}.ipynb"
+        (out / path.stem / render.HEADLINE).unlink(missing_ok=True)  # never show a previous run's numbers
+        error = None
+        pids: list[int] = []  # filled by the kernel manager (ipc_kernel_manager)
+        _KERNEL_PIDS.set(pids)
+        kernels.append(pids)
+        try:
+            with PeakMemory(roots=lambda: list(pids)) as mem:  # this notebook's kernel, sampled while it runs
+                execute_notebook(path, section.notebook, notebook_parameters(path, run, per_notebook=cfg.per_notebook),
+                                 kernel_name=kernel_name, progress=progress and jobs == 1)
+            section.status = "ok"
+        except NotebookError as exc:
+            section.status, section.error, error = "failed", str(exc), exc
+        section.seconds = time.time() - t0
+        section.extras["peak_memory_mb"] = mem.peak_mb
+        section.headline = render.read_headline(out / path.stem)
+        if render_html:
+            _render(section, out, hide_input, pdf, notes)
+        if jobs > 1:
+            print(f"      {path.stem} {section.status} in {section.seconds:.0f} s", file=sys.stderr, flush=True)
+        return error
+
+    pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="notebook")
+    running: dict[Any, str] = {}
+    try:
+        while todo or running:
+            if failure is None:
+                for item in list(todo):
+                    if len(running) >= jobs:
+                        break
+                    if _ready(item[0].stem, cfg, names, done, builder):
+                        todo.remove(item)
+                        started += 1
+                        print(f"[{started}/{len(paths)}] {item[0].stem}", file=sys.stderr, flush=True)
+                        # an empty context: jupyter_core keeps its event loop in a context variable, and a copy
+                        # of this thread's would hand every notebook the same loop
+                        running[pool.submit(contextvars.Context().run, one, *item)] = item[0].stem
+            else:
+                todo.clear()
+            if not running:
+                if todo:
+                    time.sleep(0.5)  # waiting for the background model build
+                continue
+            finished, _ = wait(list(running), timeout=0.5, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                name = running.pop(fut)
+                error = fut.result()
+                done.add(name)
+                if error is not None and failure is None:
+                    failure = error
+    except BaseException:  # interrupted (Ctrl-C): the kernels run in their own sessions, stop them too
+        for pid in [p for pids in kernels for p in pids]:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except OSError:
+                pass
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+    return failure
 
 
 def _rel(path: Path) -> str:
