@@ -47,6 +47,7 @@ def test_only_04_runs_what_04_needs(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         return output
 
     monkeypatch.setattr(runner, "execute_notebook", fake_execute)
+    monkeypatch.setattr(runner, "_start_model_builds", lambda *a: None)  # no notebook runs: nothing to build for
     runner.run_report("params/demo.yaml", out_dir=tmp_path, notebooks="04", render_html=False, pdf=False,
                       progress=False)
     assert ran == ["02_train", "03_evaluate", "04_attention"]

@@ -106,7 +106,16 @@ def preflight(params: str | os.PathLike | dict[str, Any], notebooks: list[str] |
     p = load_params(params) if not isinstance(params, dict) else params
     selected = set(notebooks or ORDER)
     res = PreflightResult(name)
-    counts = check_data(res, p, selected, check_images)
+    if _demo_unbuilt(p):  # a fresh checkout: the run generates the data and trains the tiny models first
+        root = Path(str(p["data_root"]))
+        res.add("data", "data_root", OK, f"{root}: demo world not generated yet (the run builds it first, ~10 s)")
+        from captionlab.data.world import CLASS_NAMES, DEFAULT_SIZES as n
+
+        counts = {"p1_val": n["p1_val"], "p2_train": n["p2_train"], "p2_val": n["p2_val"], "p3": 5,
+                  "cls_train": n["p1_cls_train"] * len(CLASS_NAMES), "cls_val": n["p1_cls_val"] * len(CLASS_NAMES),
+                  "assumed": []}  # what the generator will write
+    else:
+        counts = check_data(res, p, selected, check_images)
     check_models(res, p, selected)
     check_tools(res, pdf)
     check_device(res, p, selected, counts, gpu)
@@ -311,6 +320,18 @@ def _vocab_rows(decoder: str) -> int | None:
     return int(state[key].shape[0]) if key else None
 
 
+def _demo_unbuilt(p: dict[str, Any], spec: str | None = None) -> bool:
+    """Demo world: whether its data (or, with `spec`, that model spec's file) is not built yet. The demo world and
+    its tiny models are generated on first use, so their absence before the first run is not a problem."""
+    if p.get("world") != "demo" or not p.get("data_root"):
+        return False
+    root = Path(str(p["data_root"])).expanduser()
+    if spec is None:
+        return not (root / "world.json").is_file()
+    path = Path(spec.partition(":")[2] if spec.startswith(("hfclip:", "hf:")) else spec).expanduser()
+    return path.is_relative_to(root / "models") and not path.exists()
+
+
 def check_models(res: PreflightResult, p: dict[str, Any], selected: set[str]) -> None:
     """Every model spec the selected notebooks use, and decoder/tokenizer agreement."""
     needs = {"llava_model": ("llava", {"01_llava_prompts", "04_attention"}),
@@ -323,9 +344,12 @@ def check_models(res: PreflightResult, p: dict[str, Any], selected: set[str]) ->
         if key not in p:
             res.add("models", key, PROBLEM, "not set in the params file")
             continue
+        if _demo_unbuilt(p, str(p[key])):
+            res.add("models", key, OK, f"{p[key]}: demo model not trained yet (the run trains it first)")
+            continue
         status, detail = resolve_spec(kind, p[key])
         res.add("models", key, status, detail)
-    if "02_train" in selected and p.get("decoder"):
+    if "02_train" in selected and p.get("decoder") and not _demo_unbuilt(p, str(p["decoder"])):
         check_tokenizer(res, str(p["decoder"]), str(p.get("tokenizer") or ""))
 
 
