@@ -5,6 +5,7 @@ and the runner's order matches the files."""
 from __future__ import annotations
 
 import ast
+import re
 from dataclasses import MISSING
 from pathlib import Path
 
@@ -87,3 +88,16 @@ def test_runner_knows_the_models_each_notebook_prepares(path: Path) -> None:
     assert len(calls) == 1, f"{path.name}: one report.start(...) call"
     models = next((ast.literal_eval(k.value) for k in calls[0].keywords if k.arg == "models"), [])
     assert tuple(models) == NOTEBOOK_MODELS[path.stem]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_runner_knows_which_notebooks_each_reads(path: Path) -> None:
+    """A notebook that reads another's outputs (`ctx.section(...)`) runs after it when the runner runs notebooks side
+    by side: that notebook must be in context.NEEDS (required) or context.READS (shown when present)."""
+    from captionlab.report.context import NEEDS, READS
+
+    source = "\n".join(c.source for c in committed(path).cells if c.cell_type == "code")
+    read = {m.group(1) for m in re.finditer(r"""section\(["']([0-9]{2}_[a-z_]+)["']\)""", source)}
+    assert read <= set(NEEDS.get(path.stem, {})) | set(READS.get(path.stem, ())), read
+    if path.stem == "03_evaluate":
+        assert read == {"01_llava_prompts"}  # the pattern finds what it looks for

@@ -56,17 +56,20 @@ def _check(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from captionlab.errors import ConfigError
-    from captionlab.report.runner import run_report
+    from captionlab.report.runner import run_report, start_builds, stop_builds
 
-    if not args.skip_check:
-        result = _preflight(args.params, args.only, pdf=False)  # Chromium missing: the runner falls back to HTML
-        print(result.table(), file=sys.stderr)
-        if not result.ok:
-            raise ConfigError(f"preflight of {args.params} found {len(result.problems)} problem(s) (listed above); "
-                              "fix them or pass --skip-check")
-
-    result = run_report(args.params, out_dir=args.out, notebooks=args.only, quick=args.quick,
-                        pdf=not args.no_pdf, hide_input=args.hide_input, jobs=args.jobs)
+    builder = start_builds(args.params, args.out, args.only)  # demo world: generate it while the preflight runs
+    try:
+        if not args.skip_check:
+            result = _preflight(args.params, args.only, pdf=False)  # Chromium missing: the runner falls back to HTML
+            print(result.table(), file=sys.stderr)
+            if not result.ok:
+                raise ConfigError(f"preflight of {args.params} found {len(result.problems)} problem(s) (listed "
+                                  "above); fix them or pass --skip-check")
+        result = run_report(args.params, out_dir=args.out, notebooks=args.only, quick=args.quick,
+                            pdf=not args.no_pdf, hide_input=args.hide_input, jobs=args.jobs, builder=builder)
+    finally:
+        stop_builds(builder)
     from captionlab.report.stages import format_table
 
     print(format_table(result.stages))

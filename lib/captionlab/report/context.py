@@ -45,6 +45,11 @@ NEEDS: dict[str, dict[str, list[str]]] = {
 }
 
 
+# Outputs of other notebooks a notebook shows when they exist, without needing them (03 adds 01's LLaVA row to its
+# table): the report runner starts it after them when they are part of the same run.
+READS: dict[str, tuple[str, ...]] = {"03_evaluate": ("01_llava_prompts",)}
+
+
 def missing_inputs(name: str, cfg: RunConfig) -> dict[str, list[Path]]:
     """{upstream notebook: its outputs that `name` needs and that do not exist} for this run configuration."""
     values = {"checkpoint": cfg.checkpoint, "run_dir": cfg.run_dir}

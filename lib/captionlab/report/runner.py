@@ -225,30 +225,17 @@ def _render(section: Section, out_dir: Path, hide_input: bool, pdf: bool, notes:
 def run_report(params_file: str | Path, out_dir: str | Path | None = None,
                notebooks: Sequence[str] | str | None = None, quick: bool = False, render_html: bool = True,
                pdf: bool = True, hide_input: bool = False, kernel_name: str | None = None,
-               progress: bool = True, jobs: int | None = None) -> ReportResult:
+               progress: bool = True, jobs: int | None = None,
+               builder: subprocess.Popen | None = None) -> ReportResult:
     """Execute the report notebooks, render each to HTML (+PDF), write index.html; stop at the first failure.
 
     Up to `jobs` notebooks run at once (default: `default_jobs`), each when the notebooks whose outputs it reads
     (`context.NEEDS`) have finished; in the demo world, the tiny models the run needs build in a background process
     meanwhile, and a notebook starts once its models (`context.NOTEBOOK_MODELS`) are built. The sections keep their
-    numbered order in the index whatever order they ran in."""
+    numbered order in the index whatever order they ran in. `builder`: a build already started by `start_builds`
+    (the CLI starts it before its preflight, which then runs while the world generates)."""
     t_start = time.time()
-    params_path = repo_path(params_file)
-    out = Path(out_dir) if out_dir else REPO_ROOT / "reports" / params_path.stem
-    out = out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    run = {"run_dir": str(out), "quick": bool(quick), "params_file": str(params_path)}
-    cfg = load_config(params_path, run)  # validates the whole file before any notebook runs
-    notebooks = notebooks or cfg.notebooks  # the params file's `notebooks:` list, when no selection is given
-    paths = select_notebooks(notebooks)
-    if notebooks:  # a selection also runs the upstream notebooks whose outputs it needs and this run lacks
-        from captionlab.report.context import upstream_notebooks
-
-        wanted = [n for p in paths for n in upstream_notebooks(p.stem, cfg)] + [p.stem for p in paths]
-        paths = select_notebooks(list(dict.fromkeys(wanted)))
-    for p in paths:
-        if not p.exists():
-            raise ConfigError(f"{p}: notebook not found")
+    params_path, out, run, cfg, paths = _plan(params_file, out_dir, notebooks, quick)
     check_kernel(kernel_name or "python3")
     notes: list[str] = []
     if pdf and render.find_chromium() is None:
@@ -258,19 +245,21 @@ def run_report(params_file: str | Path, out_dir: str | Path | None = None,
 
     sections = [Section(p.stem) for p in paths]
     jobs = jobs if jobs is not None else default_jobs(cfg)
-    builder = _start_model_builds(cfg, [p.stem for p in paths], out)
+    if builder is None:
+        builder = _start_model_builds(cfg, [p.stem for p in paths], out)
     try:
         failure = _execute_sections(paths, sections, cfg, run, out, jobs, builder, kernel_name, progress,
                                     render_html, hide_input, pdf, notes)
     finally:
-        if builder is not None and builder.poll() is None:  # a notebook failed while models were still building
-            os.killpg(builder.pid, signal.SIGTERM)  # builds write into a temporary folder: nothing half-built
-            builder.wait()
+        stop_builds(builder)  # a notebook failed (or the run was interrupted) while models were still building
 
     title = cfg.title or f"captionlab report — {params_path.stem}"
     info = {"params": _rel(params_path), "world": cfg.world, "quick": "yes" if quick else None,
             "git": (git_commit() or "")[:10], "total time": f"{time.time() - t_start:.0f} s"}
-    stages = [*build_stages(cfg.data_root, since=t_start), *notebook_stages(sections)]
+    # a stage "ran" in this run when it finished after the run began: after `make demo` began (the Makefile exports
+    # its start time), or after the background build began (the CLI starts it before its preflight)
+    since = min(t_start, getattr(builder, "started", t_start), _make_start() or t_start)
+    stages = [*build_stages(cfg.data_root, since=since), *notebook_stages(sections)]
     index = render.write_index(out, sections, title=title, info=info, stages=stages)
     combined = None
     pdfs = [s.pdf for s in sections if s.pdf]
@@ -290,6 +279,44 @@ def run_report(params_file: str | Path, out_dir: str | Path | None = None,
     if failure:
         raise NotebookError(f"{failure}\n  report so far: {index}")
     return ReportResult(out, sections, index, combined, time.time() - t_start, notes, stages)
+
+
+def _plan(params_file: str | Path, out_dir: str | Path | None, notebooks: Sequence[str] | str | None,
+          quick: bool) -> tuple[Path, Path, dict[str, Any], Any, list[Path]]:
+    """The run's params path, output folder, runner parameters, validated config and notebooks (with the upstream
+    notebooks a selection needs)."""
+    params_path = repo_path(params_file)
+    out = Path(out_dir) if out_dir else REPO_ROOT / "reports" / params_path.stem
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    run = {"run_dir": str(out), "quick": bool(quick), "params_file": str(params_path)}
+    cfg = load_config(params_path, run)  # validates the whole file before any notebook runs
+    notebooks = notebooks or cfg.notebooks  # the params file's `notebooks:` list, when no selection is given
+    paths = select_notebooks(notebooks)
+    if notebooks:  # a selection also runs the upstream notebooks whose outputs it needs and this run lacks
+        from captionlab.report.context import upstream_notebooks
+
+        wanted = [n for p in paths for n in upstream_notebooks(p.stem, cfg)] + [p.stem for p in paths]
+        paths = select_notebooks(list(dict.fromkeys(wanted)))
+    for p in paths:
+        if not p.exists():
+            raise ConfigError(f"{p}: notebook not found")
+    return params_path, out, run, cfg, paths
+
+
+def start_builds(params_file: str | Path, out_dir: str | Path | None = None,
+                 notebooks: Sequence[str] | str | None = None) -> subprocess.Popen | None:
+    """Start the background build of the demo world and the models the run's notebooks need (None when there is
+    nothing to build, or the world is not the demo one); pass it to `run_report(builder=...)`."""
+    _, out, _, cfg, paths = _plan(params_file, out_dir, notebooks, False)
+    return _start_model_builds(cfg, [p.stem for p in paths], out)
+
+
+def stop_builds(builder: subprocess.Popen | None) -> None:
+    """Stop a background build (builds write into a temporary folder and rename it: nothing half-built is left)."""
+    if builder is not None and builder.poll() is None:
+        os.killpg(builder.pid, signal.SIGTERM)
+        builder.wait()
 
 
 def default_jobs(cfg: Any) -> int:
@@ -312,18 +339,30 @@ def _start_model_builds(cfg: Any, names: Sequence[str], out: Path) -> subprocess
     if all(is_built(m, cfg.seed, root) for m in models) and (root / "world.json").exists():
         return None
     log = out / "model-build.log"
+    started = time.time()
     with open(log, "ab") as fh:  # the child keeps its own descriptor
-        return subprocess.Popen([sys.executable, "-m", "captionlab.cli", "world", "build", "--seed", str(cfg.seed),
+        proc = subprocess.Popen([sys.executable, "-m", "captionlab.cli", "world", "build", "--seed", str(cfg.seed),
                                  "--root", str(root), "--models", *models],
                                 stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    proc.started = started  # type: ignore[attr-defined]
+    return proc
+
+
+def _make_start() -> float | None:
+    """When the `make` invocation running this began (CAPTIONLAB_MAKE_START, exported by the Makefile), if any."""
+    try:
+        return float(os.environ["CAPTIONLAB_MAKE_START"])
+    except (KeyError, ValueError):
+        return None
 
 
 def _ready(name: str, cfg: Any, names: Sequence[str], done: set[str], builder: subprocess.Popen | None) -> bool:
-    """Whether notebook `name` can start: the notebooks of this run it reads from are done, its models are built
+    """Whether notebook `name` can start: the notebooks of this run it reads from (`NEEDS`, `READS`) are done, its
+    models are built
     (or nothing builds them: then it builds them itself, or says what is missing)."""
-    from captionlab.report.context import NEEDS, NOTEBOOK_MODELS
+    from captionlab.report.context import NEEDS, NOTEBOOK_MODELS, READS
 
-    if any(up in names and up not in done for up in NEEDS.get(name, {})):
+    if any(up in names and up not in done for up in [*NEEDS.get(name, {}), *READS.get(name, ())]):
         return False
     if builder is None or builder.poll() is not None:
         return True
