@@ -36,6 +36,8 @@ def test_build_and_notebook_stages(tmp_path: Path):
     table = format_table(stages)
     assert "model clip" in table and "cached" in table
     assert table.splitlines()[-1].split()[-1] == f"{61.0 + 20.5 + 40.0:.1f}"  # only stages that ran this time
+    overlapped = format_table(stages, wall=90.0).splitlines()  # models built while notebooks ran
+    assert overlapped[-2].split()[:4] == ["wall", "clock", "(this", "run)"] and "90.0" in overlapped[-2]
 
 
 def test_venv_stamp_seconds(tmp_path: Path):
@@ -55,4 +57,6 @@ def test_index_shows_time_per_stage(tmp_path: Path):
     page = write_index(tmp_path, [Section("02_train")], stages=stages).read_text()
     assert "Time per stage" in page and "model clip" in page and "338 s" in page
     assert "399 s" in page  # total of the stages that ran in this run
+    page = write_index(tmp_path, [Section("02_train")], stages=stages, wall=250.0).read_text()
+    assert "wall clock (this run)" in page and "250 s" in page and "399 s" in page
     assert "Time per stage" not in write_index(tmp_path, [Section("02_train")]).read_text()

@@ -72,7 +72,7 @@ def _run(args: argparse.Namespace) -> int:
         stop_builds(builder)
     from captionlab.report.stages import format_table
 
-    print(format_table(result.stages))
+    print(format_table(result.stages, result.wall))
     print(f"report: {result.index}" + (f"\n   pdf: {result.pdf}" if result.pdf else ""))
     for note in result.warnings:
         print(f"warning: {note}", file=sys.stderr)

@@ -189,21 +189,24 @@ th{background:#f5f5f5} .ok{color:#1a7f37;font-weight:600} .failed{color:#cf222e;
 """
 
 
-def _stages_html(stages: Sequence[Any]) -> str:
+def _stages_html(stages: Sequence[Any], wall: float | None = None) -> str:
     if not stages:
         return ""
     rows = "".join(f"<tr><td>{html.escape(st.name)}</td><td>{'' if st.seconds is None else f'{st.seconds:.0f} s'}</td>"
                    f"<td>{'ran' if st.ran else 'cached'}</td><td>{html.escape(st.detail)}</td></tr>" for st in stages)
     total = sum(st.seconds or 0.0 for st in stages if st.ran)
     return (f'<h2>Time per stage</h2><table class="stages"><thead><tr><th>Stage</th><th>Time</th><th>This run</th>'
-            f"<th></th></tr></thead><tbody>{rows}<tr><td><b>total (this run)</b></td><td><b>{total:.0f} s</b></td>"
+            f"<th></th></tr></thead><tbody>{rows}"
+            + ("" if wall is None else f"<tr><td><b>wall clock (this run)</b></td><td><b>{wall:.0f} s</b></td>"
+               "<td></td><td>stages overlap: models build while notebooks run, two at a time</td></tr>")
+            + f"<tr><td><b>sum of stages (this run)</b></td><td><b>{total:.0f} s</b></td>"
             "<td></td><td></td></tr></tbody></table><p><small>cached: built before this run (the time it took "
             "then).</small></p>")
 
 
 def write_index(out_dir: str | Path, sections: Sequence[Section], title: str = "captionlab report",
                 info: dict[str, Any] | None = None, combined_pdf: Path | None = None,
-                stages: Sequence[Any] = ()) -> Path:
+                stages: Sequence[Any] = (), wall: float | None = None) -> Path:
     """Write `index.html` linking every section, with its headline metrics, the world they came from and the time
     per stage (`captionlab.report.stages.Stage` rows: venv, world, each model, each notebook)."""
     out_dir = Path(out_dir)
@@ -239,6 +242,6 @@ def write_index(out_dir: str | Path, sections: Sequence[Section], title: str = "
 <table><thead><tr><th>Section</th><th>Status</th><th>Headline</th><th>Files</th></tr></thead>
 <tbody>
 {chr(10).join(rows)}
-</tbody></table>{_stages_html(stages)}</body></html>
+</tbody></table>{_stages_html(stages, wall)}</body></html>
 """
     return atomic_write_text(out_dir / "index.html", page)

@@ -52,6 +52,7 @@ class ReportResult:
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
     stages: list[Stage] = field(default_factory=list)  # time per stage (venv, world, models, notebooks)
+    wall: float | None = None  # wall-clock seconds since the run (or the `make` running it) began
 
 
 def notebook_path(name: str | Path) -> Path:
@@ -260,7 +261,8 @@ def run_report(params_file: str | Path, out_dir: str | Path | None = None,
     # its start time), or after the background build began (the CLI starts it before its preflight)
     since = min(t_start, getattr(builder, "started", t_start), _make_start() or t_start)
     stages = [*build_stages(cfg.data_root, since=since), *notebook_stages(sections)]
-    index = render.write_index(out, sections, title=title, info=info, stages=stages)
+    wall = time.time() - since
+    index = render.write_index(out, sections, title=title, info=info, stages=stages, wall=wall)
     combined = None
     pdfs = [s.pdf for s in sections if s.pdf]
     if pdf and pdfs:  # one PDF: the index page as a cover, then every section
@@ -271,14 +273,17 @@ def run_report(params_file: str | Path, out_dir: str | Path | None = None,
             notes.append(str(exc))
             warnings.warn(str(exc), stacklevel=2)
         if combined:
-            index = render.write_index(out, sections, title=title, info=info, combined_pdf=combined, stages=stages)
+            wall = time.time() - since
+            index = render.write_index(out, sections, title=title, info=info, combined_pdf=combined, stages=stages,
+                                       wall=wall)
     atomic_write_json(out / "report.json", {"params_file": str(params_path), "quick": quick, "notes": notes,
                                             "seconds": round(time.time() - t_start, 1),
                                             "sections": [s.to_json() for s in sections],
-                                            "stages": [st.to_json() for st in stages]})
+                                            "stages": [st.to_json() for st in stages],
+                                            "wall_seconds": round(wall, 1)})
     if failure:
         raise NotebookError(f"{failure}\n  report so far: {index}")
-    return ReportResult(out, sections, index, combined, time.time() - t_start, notes, stages)
+    return ReportResult(out, sections, index, combined, time.time() - t_start, notes, stages, wall)
 
 
 def _plan(params_file: str | Path, out_dir: str | Path | None, notebooks: Sequence[str] | str | None,
