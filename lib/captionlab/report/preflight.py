@@ -328,7 +328,14 @@ def _demo_unbuilt(p: dict[str, Any], spec: str | None = None) -> bool:
     root = Path(str(p["data_root"])).expanduser()
     if spec is None:
         return not (root / "world.json").is_file()
-    path = Path(spec.partition(":")[2] if spec.startswith(("hfclip:", "hf:")) else spec).expanduser()
+    from captionlab.errors import ConfigError
+    from captionlab.models.specs import parse_spec
+
+    try:
+        parsed = parse_spec(spec, allowed=("path", "hfclip", "hf"))
+    except ConfigError:  # another kind (timm:, open_clip:, a hub id): not one of the demo world's files
+        return False
+    path = Path(parsed.name).expanduser()
     return path.is_relative_to(root / "models") and not path.exists()
 
 

@@ -362,9 +362,8 @@ def _make_start() -> float | None:
 
 
 def _ready(name: str, cfg: Any, names: Sequence[str], done: set[str], builder: subprocess.Popen | None) -> bool:
-    """Whether notebook `name` can start: the notebooks of this run it reads from (`NEEDS`, `READS`) are done, its
-    models are built
-    (or nothing builds them: then it builds them itself, or says what is missing)."""
+    """Whether notebook `name` can start: the notebooks of this run it reads from (`NEEDS`, `READS`) are done, and
+    its models are built (or nothing builds them: then it builds them itself, or says what is missing)."""
     from captionlab.report.context import NEEDS, NOTEBOOK_MODELS, READS
 
     if any(up in names and up not in done for up in [*NEEDS.get(name, {}), *READS.get(name, ())]):
