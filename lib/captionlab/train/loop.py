@@ -160,10 +160,8 @@ def _train(captioner_cfg: CaptionerConfig, train_cfg: TrainConfig, data_root: Pa
         start_epoch, skip = divmod(step, steps_per_epoch)
         if acc.is_main_process:
             print(f"resumed from {ckpt} at step {step}")
-    if val_data is not None and history["baseline"] is None:
-        base = most_common_caption(train_data)
-        history["baseline"] = {"caption": base, **evaluate_captions({s: base for s in val_data.stems}, val_data,
-                                                                      data_root, "val")}
+    if val_data is not None and history["baseline"] is None and acc.is_main_process:
+        history["baseline"] = _baseline(train_data, val_data, data_root)
 
     def checkpoint() -> None:
         rng = [None] * world
@@ -243,6 +241,19 @@ def _train(captioner_cfg: CaptionerConfig, train_cfg: TrainConfig, data_root: Pa
     acc.wait_for_everyone()
     acc.free_memory()
     return history
+
+
+_BASELINES: dict[tuple[str, ...], dict[str, Any]] = {}
+
+
+def _baseline(train_data: CaptionData, val_data: CaptionData, data_root: Path) -> dict[str, Any]:
+    """The most-common-caption baseline's validation scores; once per process and data (02's attempts share it)."""
+    base = most_common_caption(train_data)
+    key = (str(data_root), base, json.dumps(val_data.references, sort_keys=True))
+    if key not in _BASELINES:
+        _BASELINES[key] = {"caption": base, **evaluate_captions({s: base for s in val_data.stems}, val_data,
+                                                                 data_root, "val")}
+    return dict(_BASELINES[key])
 
 
 def _pad(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
