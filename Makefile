@@ -7,6 +7,7 @@ PIP := $(VENV)/bin/pip
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 LOCK := requirements/lock.txt
 LOCK_CONSTRAINTS := requirements/constraints.txt
+LOCK_OVERRIDES := requirements/overrides.txt
 TOOLS := .venv-tools
 UV_PIN := uv==0.13.9
 LATEST := .venv-latest
@@ -40,13 +41,13 @@ help:
 # recompile transformers from source).
 unexport PYTHONDONTWRITEBYTECODE
 UV := $(TOOLS)/bin/uv
-$(VENV)/.installed: $(LOCK) pyproject.toml
+$(VENV)/.installed: $(LOCK) $(LOCK_OVERRIDES) pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@date +%s > $(VENV)/.install-start
 	@if [ -x $(UV) ] || { $(PYTHON) -m venv $(TOOLS) && $(TOOLS)/bin/pip install -q $(UV_PIN); } >/dev/null 2>&1; then \
 	  echo "Installing $(LOCK) into $(VENV) with uv..."; \
 	  $(UV) pip install -q --python $(PY) $$($(PYTHON) requirements/uv_args.py) -c $(LOCK_CONSTRAINTS) \
-	    $(TORCH_PIN) -r $(LOCK) && $(UV) pip install -q --python $(PY) --no-deps -e .; \
+	    --overrides $(LOCK_OVERRIDES) $(TORCH_PIN) -r $(LOCK) && $(UV) pip install -q --python $(PY) --no-deps -e .; \
 	else \
 	  echo "uv unavailable ($(UV_PIN)): installing $(LOCK) with pip (slower)..."; \
 	  $(PIP) install -q -U pip && $(PIP) install -q $(TORCH_PIN) && $(PIP) install -q -r $(LOCK) && \
@@ -95,14 +96,15 @@ test: venv chromium
 test-fast: venv
 	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadgroup -m "not slow and not demo_models" --durations=10 $(PYTEST_ARGS)
 
-# The lock: pyproject.toml's ranges (+ dev extra) under $(LOCK_CONSTRAINTS), resolved by uv for this Python.
+# The lock: pyproject.toml's ranges (+ dev extra) under $(LOCK_CONSTRAINTS) and $(LOCK_OVERRIDES) (packages left
+# out), resolved by uv for this Python.
 # Versions already in the lock are kept unless UPGRADE=1 (then: the newest the ranges allow).
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
 	$(TOOLS)/bin/pip install -q $(UV_PIN)
 
 lock: $(UV)
-	$(UV) pip compile pyproject.toml --extra dev -c $(LOCK_CONSTRAINTS) \
+	$(UV) pip compile pyproject.toml --extra dev -c $(LOCK_CONSTRAINTS) --overrides $(LOCK_OVERRIDES) \
 	  --python-version $$($(PYTHON) -c 'import platform; print(platform.python_version())') \
 	  --custom-compile-command "make lock" $(if $(UPGRADE),--upgrade) -o $(LOCK)
 

@@ -33,3 +33,24 @@ def test_pip_config_becomes_uv_flags_with_pips_best_match_rule():
 
 def test_nothing_configured_gives_only_the_strategy():
     assert uv_args.uv_flags(uv_args.pip_settings("")) == ["--index-strategy", "unsafe-best-match"]
+
+
+def test_overridden_packages_stay_out_of_the_lock_and_the_venv():
+    """requirements/overrides.txt leaves rfc3987-syntax out (its import builds a grammar: 3.5 s in every process
+    importing nbformat, e.g. each nbstripout filter call): the lock has no pin for it, both the install and the lock
+    recipes pass the overrides, and a venv installed from the lock (`make venv`) does not have it."""
+    import re
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    never = [line.split(";")[0].strip() for line in (root / "requirements" / "overrides.txt").read_text().splitlines()
+             if not line.startswith("#") and re.search(r";\s*sys_platform\s*==\s*\"never\"", line)]
+    assert never == ["rfc3987-syntax"]
+    pins = {line.split("==")[0].lower() for line in (root / "requirements" / "lock.txt").read_text().splitlines()
+            if "==" in line and not line.startswith(" ")}
+    assert "jsonschema" in pins and not set(never) & pins
+    makefile = (root / "Makefile").read_text()
+    assert makefile.count("--overrides $(LOCK_OVERRIDES)") == 2  # `uv pip install` of the lock and `uv pip compile`
+    installed = Path(sys.prefix) / ".installed"  # the stamp of `make venv` (not the pip-installed test-latest venv)
+    if installed.exists():
+        assert importlib.util.find_spec("rfc3987_syntax") is None
