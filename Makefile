@@ -41,6 +41,8 @@ help:
 # recompile transformers from source).
 unexport PYTHONDONTWRITEBYTECODE
 UV := $(TOOLS)/bin/uv
+# The packages $(LOCK_OVERRIDES) leaves out (its never-true markers): pip has no overrides, so its fallback removes them.
+OVERRIDDEN := 's/^\([A-Za-z0-9_.-]*\) *;.*"never".*/\1/p'
 $(VENV)/.installed: $(LOCK) $(LOCK_OVERRIDES) pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@date +%s > $(VENV)/.install-start
@@ -51,7 +53,7 @@ $(VENV)/.installed: $(LOCK) $(LOCK_OVERRIDES) pyproject.toml
 	else \
 	  echo "uv unavailable ($(UV_PIN)): installing $(LOCK) with pip (slower)..."; \
 	  $(PIP) install -q -U pip && $(PIP) install -q $(TORCH_PIN) && $(PIP) install -q -r $(LOCK) && \
-	  $(PIP) install -q --no-deps -e .; \
+	  $(PIP) install -q --no-deps -e . && $(PIP) uninstall -q -y $$(sed -n $(OVERRIDDEN) $(LOCK_OVERRIDES)); \
 	fi
 	@echo $$(( $$(date +%s) - $$(cat $(VENV)/.install-start) )) > $@  # seconds, shown in the report's stage times
 
