@@ -180,7 +180,9 @@ def test_hf_decoder_runs_the_lm_head_on_the_last_position_only(tmp_path):
             assert "logits_to_keep" not in kw
             return self.inner(**kw)
 
-    assert torch.allclose(HFDecoder(Wrapped(), ids).prefill()[0], logits)
+    # all L positions through the head, then the last: the same numbers up to the GEMM's rounding (its kernel
+    # depends on the row count; on AVX-512 machines M=1 and M=L round differently)
+    assert torch.allclose(HFDecoder(Wrapped(), ids).prefill()[0], logits, atol=1e-5)
 
 
 def test_demo_gpt2_beam_equals_reference_and_writes_captions(demo_gpt2):
