@@ -83,4 +83,4 @@ def test_one_mapping_to_the_training_configs() -> None:
     with pytest.raises(ConfigError, match=r"captioner.bogus: unknown CaptionerConfig field"):
         captioner_config(cfg.replace(captioner={"bogus": 1}))
     over = load_train_params("params/demo.yaml", ["rank=2", "train.max_steps=3", "batch_size=16"])
-    assert (over.rank, over.train, over.batch_size) == (2, {"max_steps": 3}, 16)
+    assert (over.rank, over.train, over.batch_size) == (2, {"max_steps": 3, "grad_accum": 2}, 16)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -10,6 +11,7 @@ import random
 import shutil
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -137,6 +139,18 @@ def default_dtype(device: "torch.device") -> "torch.dtype":  # noqa: F821
             raise ValueError(f"CAPTIONLAB_DTYPE={forced!r} is not a torch dtype (e.g. bfloat16, float32)")
         return dtype
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@functools.cache
+def thread_pool(threads: int) -> ThreadPoolExecutor:
+    """A process-wide pool of `threads` threads (idle between uses), for work whose results do not depend on
+    which thread runs it: torch releases the GIL inside its kernels, so one-thread ops run side by side."""
+    return ThreadPoolExecutor(threads, thread_name_prefix=f"captionlab-{threads}")
 
 
 def set_seed(seed: int) -> None:

@@ -8,6 +8,7 @@ import math
 import os
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,33 +166,43 @@ def evaluate(predictions: Mapping[str, str] | str | os.PathLike, annotations: An
     summary: dict[str, Any] = {}
     columns: dict[str, Any] = {"stem": stems, "caption": [preds[s] for s in stems]}
 
-    if clip_wanted:
-        from captionlab.metrics.clipscore import clip_scores
-        from captionlab.models.clip import load_clip
-
-        t0 = time.perf_counter()
-        backend = load_clip(clip)
-        timings["clip_load"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        scores = clip_scores(backend, image_paths, columns["caption"],
-                             references=[refs[s] for s in stems] if "RefCLIPScore" in clip_wanted else None,
-                             batch_size=batch_size, prefix=prefix)
-        timings["clip"] = time.perf_counter() - t0
-        summary["clip_model"] = backend.name
-        columns["clipscore"] = scores["clipscore"]
-        summary["CLIPScore"] = float(np.mean(scores["clipscore"]))
-        if "RefCLIPScore" in clip_wanted:
-            columns["refclipscore"], columns["ref_clip_sim"] = scores["refclipscore"], scores["ref_sim"]
-            summary["RefCLIPScore"] = float(np.mean(scores["refclipscore"]))
-
     ngram_wanted = [m for m in metrics if m in NGRAM_METRICS]
-    if ngram_wanted:
+
+    def ngrams() -> tuple[dict[str, Any], dict[str, Any], dict[str, str], float]:
         t0 = time.perf_counter()
-        s, per, why = ngram_scores(refs, preds, ngram_wanted)
-        timings["ngram"] = time.perf_counter() - t0
-        summary.update(s)
-        unavailable.update(why)
-        columns.update(per)
+        return (*ngram_scores(refs, preds, ngram_wanted), time.perf_counter() - t0)
+
+    # the n-gram metrics (the PTB tokenizer is a Java process) run alongside CLIPScore (torch)
+    side = ThreadPoolExecutor(1, thread_name_prefix="ngram-metrics") if ngram_wanted and clip_wanted else None
+    pending = side.submit(ngrams) if side is not None else None
+    try:
+        if clip_wanted:
+            from captionlab.metrics.clipscore import clip_scores
+            from captionlab.models.clip import load_clip
+
+            t0 = time.perf_counter()
+            backend = load_clip(clip)
+            timings["clip_load"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            scores = clip_scores(backend, image_paths, columns["caption"],
+                                 references=[refs[s] for s in stems] if "RefCLIPScore" in clip_wanted else None,
+                                 batch_size=batch_size, prefix=prefix)
+            timings["clip"] = time.perf_counter() - t0
+            summary["clip_model"] = backend.name
+            columns["clipscore"] = scores["clipscore"]
+            summary["CLIPScore"] = float(np.mean(scores["clipscore"]))
+            if "RefCLIPScore" in clip_wanted:
+                columns["refclipscore"], columns["ref_clip_sim"] = scores["refclipscore"], scores["ref_sim"]
+                summary["RefCLIPScore"] = float(np.mean(scores["refclipscore"]))
+
+        if ngram_wanted:
+            s, per, why, timings["ngram"] = pending.result() if pending is not None else ngrams()
+            summary.update(s)
+            unavailable.update(why)
+            columns.update(per)
+    finally:
+        if side is not None:
+            side.shutdown(wait=False)
 
     columns["references"] = [refs[s] for s in stems]
     ordered = ["stem", "caption", "cider", "clipscore", "refclipscore"]

@@ -383,7 +383,7 @@ def fit(data: dict[str, Any], cfg: ClipTrainConfig, seed: int,
             callback(step + 1, model)
             model.train()
         if step % 20 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", zs_train=f"{np.mean(cls_acc[-20:]):.2f}")
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", zs_train=f"{np.mean(cls_acc[-20:]):.2f}", refresh=False)
     model.eval()
     log = {"seed": seed, "config": asdict(cfg),
            "loss_first": float(np.mean(losses[:20])), "loss_last": float(np.mean(losses[-20:])),

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from captionlab.errors import ConfigError
+from captionlab.models.dropout import active_generator, dropout
 
 # One layer's cache: (keys, values), each (B, n_head, T_past, head_dim). Prefix-tuning keys are not cached.
 LayerCache = tuple[Tensor, Tensor]
@@ -79,9 +80,11 @@ class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with KV cache and an optional capture hook.
 
     `capture`: when set to a callable, this layer computes attention explicitly (softmax of the masked
-    QK^T / sqrt(head_dim), no dropout) and calls `capture(att)` with `att` of shape (B, n_head, T_query, T_keys).
-    The key axis is [prefix_len learned prefix keys] + [past (cached) keys] + [current keys]; masked keys
-    (padding, future) have weight 0. Layers without a capture hook use F.scaled_dot_product_attention.
+    QK^T / sqrt(head_dim), before any dropout) and calls `capture(att)` with `att` of shape (B, n_head, T_query,
+    T_keys). The key axis is [prefix_len learned prefix keys] + [past (cached) keys] + [current keys]; masked keys
+    (padding, future) have weight 0. Layers without a capture hook use F.scaled_dot_product_attention, except when
+    training with attention dropout under a micro-batch generator (`captionlab.models.dropout`), whose masks SDPA
+    cannot draw.
     """
 
     def __init__(self, config: GPTConfig) -> None:
@@ -106,11 +109,13 @@ class CausalSelfAttention(nn.Module):
         if prefix_kv is not None:
             pk, pv = (t.to(k.dtype).unsqueeze(0).expand(B, -1, -1, -1) for t in prefix_kv)
             k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
-        if self.capture is not None:
+        seeded = self.training and self.dropout > 0 and active_generator() is not None
+        if self.capture is not None or seeded:  # explicit weights: to capture them, or to drop them per micro-batch
             att = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
             att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-            self.capture(att)
-            y = att @ v
+            if self.capture is not None:
+                self.capture(att)
+            y = dropout(att, self.dropout, self.training) @ v
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                dropout_p=self.dropout if self.training else 0.0)

@@ -213,7 +213,7 @@ def _train_stage(model, params, steps: int, lr: float, batch_fn, desc: str, gen:
         if step >= steps * 0.9:
             tail.append(loss.item())
         if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     model.eval()
     return sum(tail) / max(1, len(tail))
 

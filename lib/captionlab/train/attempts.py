@@ -18,7 +18,7 @@ from captionlab.models.specs import parse_spec
 from captionlab.params import RunConfig
 from captionlab.resultcache import CachedResult, ResultCache
 from captionlab.train.config import captioner_config, train_config
-from captionlab.utils import atomic_dir, atomic_write_json
+from captionlab.utils import atomic_dir, atomic_write_json, cpu_cores
 
 KIND = "train_attempt"
 # CaptionerConfig fields that only matter for one PEFT method / one conditioning.
@@ -26,7 +26,7 @@ _METHOD_FIELDS = {"lora": ("lora_rank", "lora_alpha", "lora_dropout", "lora_targ
                   "adapter": ("adapter_dim",), "prefix": ("prefix_len",)}
 _CROSS_FIELDS = ("cross_every", "cross_dim")
 # TrainConfig fields that do not change the result (where it is written, resuming, bookkeeping).
-_TRAIN_IGNORED = ("out_dir", "resume", "save_every_steps", "keep_checkpoints", "cpu_threads")
+_TRAIN_IGNORED = ("out_dir", "resume", "save_every_steps", "keep_checkpoints", "cpu_threads", "micro_threads")
 
 
 @dataclass
@@ -131,15 +131,17 @@ def default_workers(cfg: RunConfig, todo: int) -> int:
     return min(2, len(os.sched_getaffinity(0)), todo)
 
 
-def _attempt_worker(args: tuple[RunConfig, dict[str, Any], str, int, str]) -> str:
-    """Spawned worker: one attempt with the parent's cache folder and torch thread count, its progress bars and
-    prints going to `log` (two workers' bars would interleave on the parent's terminal); returns its key."""
-    cfg, changes, cache_root, threads, log = args
+def _attempt_worker(args: tuple[RunConfig, dict[str, Any], str, int, int, str]) -> str:
+    """Spawned worker: one attempt with the parent's cache folder and torch thread count and its share of the cores
+    for side-by-side micro-batches (`TrainConfig.micro_threads`, which does not change the result), its progress
+    bars and prints going to `log` (two workers' bars would interleave on the parent's terminal); returns its key."""
+    cfg, changes, cache_root, threads, share, log = args
     import contextlib
 
     import torch
 
     torch.set_num_threads(threads)
+    cfg = cfg.replace(train={**cfg.train, "micro_threads": share})
     Path(log).parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w", encoding="utf-8") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
         return run_attempt(cfg, ResultCache(cache_root), **changes).result.key
@@ -169,8 +171,9 @@ def run_attempts(settings: list[tuple[RunConfig, dict[str, Any]]], cache: Result
               f"progress in {logs[todo[0]].parent}/", flush=True)
         ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no inherited torch thread pools or locks
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            share = max(1, cpu_cores() // (workers * torch.get_num_threads()))
             jobs = {i: pool.submit(_attempt_worker, (settings[i][0], settings[i][1], str(cache.root),
-                                                     torch.get_num_threads(), str(logs[i]))) for i in todo}
+                                                     torch.get_num_threads(), share, str(logs[i]))) for i in todo}
             for i, job in jobs.items():
                 try:
                     job.result()  # re-raises a worker's error here
@@ -199,7 +202,7 @@ def run_attempt(cfg: RunConfig, cache: ResultCache | None = None, **changes: Any
         from captionlab.metrics.evaluate import evaluate
         from captionlab.models.captioner import load_captioner
         from captionlab.report.dataset import subset
-        from captionlab.train.loop import train
+        from captionlab.train.loop import side_by_side, train
 
         tcfg = train_config(cfg, out / "run")
         if (out / "run" / "latest.json").exists():  # a killed attempt: continue from its last checkpoint
@@ -211,7 +214,8 @@ def run_attempt(cfg: RunConfig, cache: ResultCache | None = None, **changes: Any
         val_dir = p2 / "images" / "val"
         images = [val.image_path(val_dir, s) for s in val.stems]
         preds = dict(zip(val.stems, model.generate_cached(images, beam_size=cfg.beam_size,
-                                                          max_new_tokens=cfg.max_new_tokens)))
+                                                          max_new_tokens=cfg.max_new_tokens,
+                                                          threads=side_by_side(tcfg))))
         save_predictions(out / "predictions.json", preds)
         scored = evaluate(preds, val, val_dir, clip=cfg.clip_model, metrics=("CIDEr", "CLIPScore"))
         scored.per_image.to_csv(out / "per_image.csv", index=False)

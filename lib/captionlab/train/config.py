@@ -38,6 +38,8 @@ class TrainConfig:
     out_dir: str = "runs/captioner"
     resume: bool = False
     cpu_threads: int = 1  # torch threads when training on CPU (small matrices: 1 is fastest on a shared CPU; 0 = keep)
+    micro_threads: int = 0  # CPU, one process: threads running a step's grad_accum micro-batches side by side
+    #                         (0 = one per core); the result is the same for any value
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:

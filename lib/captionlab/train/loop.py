@@ -27,11 +27,12 @@ from tqdm.auto import tqdm
 
 from captionlab.errors import ConfigError
 from captionlab.models.captioner import Captioner, CaptionerConfig
+from captionlab.models.dropout import micro_batch_generator, micro_batch_rng, seed_dropout
 from captionlab.train.checkpoints import (latest_checkpoint, load_state, rng_state, save_checkpoint, save_dir_atomic,
                                           set_rng_state)
 from captionlab.train.config import TrainConfig
 from captionlab.train.data import CaptionData, epoch_order, evaluate_captions, load_split, most_common_caption
-from captionlab.utils import atomic_write_json, set_seed
+from captionlab.utils import atomic_write_json, cpu_cores, set_seed, thread_pool
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -43,7 +44,8 @@ def _optimizer(model: Captioner, cfg: TrainConfig) -> torch.optim.Optimizer:
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8)
+    # foreach: one multi-tensor update per step instead of one per parameter (torch uses it by default on CUDA only)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8, foreach=True)
 
 
 def _scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
@@ -82,6 +84,26 @@ def _release_single_process_state(mixed_precision: str) -> None:
         AcceleratorState._reset_state(reset_partial_state=True)
 
 
+def side_by_side(cfg: TrainConfig) -> int:
+    """Threads for independent pieces of CPU work (a step's micro-batches, caption batches): `cfg.micro_threads`,
+    or for 0 the cores this process may run on over torch's thread count; 1 on a GPU."""
+    if torch.cuda.is_available():
+        return 1
+    if cfg.micro_threads > 0:
+        return cfg.micro_threads
+    return max(1, cpu_cores() // max(torch.get_num_threads(), 1))
+
+
+def micro_threads(cfg: TrainConfig, acc: Any) -> int:
+    """Threads that compute a step's `grad_accum` micro-batches side by side (`side_by_side`, at most grad_accum):
+    on a CPU, in a single process without a grad scaler or autocast; else 1. The result does not depend on it: each
+    micro-batch has its own dropout generator, and the gradients are summed in micro-batch order, as sequential
+    accumulation sums them."""
+    if cfg.grad_accum < 2 or acc.num_processes > 1 or acc.device.type != "cpu" or str(acc.mixed_precision) != "no":
+        return 1
+    return max(1, min(side_by_side(cfg), cfg.grad_accum))
+
+
 # ------------------------------------------------------------------------------------------- training
 
 
@@ -115,10 +137,12 @@ def _train(captioner_cfg: CaptionerConfig, train_cfg: TrainConfig, data_root: Pa
 
     set_seed(cfg.seed)  # same initial LoRA / projector weights on every process
     model = Captioner(captioner_cfg, verbose=acc.is_main_process)
+    seed_dropout(model)  # dropout masks drawn per micro-batch: the same however micro-batches are run
     train_data = load_split(data_root, "train", cfg.train_images)
     val_data = load_split(data_root, "val", cfg.eval_images) if cfg.eval_images >= 0 else None
-    tokens = [torch.tensor(r) for r in model.caption_token_ids(train_data.pair_caption)]  # [bos] caption [eos]
-    n_targets = torch.tensor([len(t) - 1 for t in tokens])
+    tokens, lengths = _token_matrix(model.caption_token_ids(train_data.pair_caption),  # [bos] caption [eos]
+                                    model.tokenizer.pad_token_id)
+    n_targets = lengths - 1
 
     feats = val_feats = None
     if cfg.cache_features:
@@ -176,6 +200,32 @@ def _train(captioner_cfg: CaptionerConfig, train_cfg: TrainConfig, data_root: Pa
             atomic_write_json(out_dir / "history.json", history)
         acc.wait_for_everyone()
 
+    def micro_inputs(batch: torch.Tensor, a: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Token ids, mask and image inputs of this process's part of micro-batch `a` of a step's batch."""
+        lo = (a * world + rank) * micro
+        idx = batch[lo:lo + micro]
+        n = lengths[idx]
+        ids = tokens[idx, :int(n.max())]
+        mask = (torch.arange(ids.shape[1]) < n[:, None]).long()
+        idx = idx.tolist()
+        img = [train_data.pair_image[i] for i in idx]
+        if feats is not None:
+            return ids, mask, {"features": feats[img]}
+        return ids, mask, {"pixel_values": core._pixels([train_data.image_paths[i] for i in img])}
+
+    def micro_grads(batch: torch.Tensor, a: int, denom: float,
+                    step: int) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
+        """(loss sum, gradients of the trainable parameters) of micro-batch `a`, accumulated nowhere (one process)."""
+        ids, mask, inputs = micro_inputs(batch, a)
+        with micro_batch_rng(micro_batch_generator(cfg.seed, step, a)):
+            loss_sum = model(ids, mask, reduction="sum", **inputs)
+        return loss_sum.detach(), torch.autograd.grad(loss_sum * world / denom, trainable, allow_unused=True)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    threads = micro_threads(cfg, acc)
+    pool = thread_pool(threads) if threads > 1 else None
+    if pool is not None and acc.is_main_process:
+        print(f"{cfg.grad_accum} micro-batches per step, {threads} side by side")
     model.train()
     for epoch in range(start_epoch, epochs):
         order = epoch_order(n_pairs, cfg.seed, epoch)
@@ -188,20 +238,25 @@ def _train(captioner_cfg: CaptionerConfig, train_cfg: TrainConfig, data_root: Pa
             batch = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
             denom = float(n_targets[batch].sum())
             step_loss = torch.zeros((), device=acc.device)
-            for a in range(cfg.grad_accum):
-                lo = (a * world + rank) * micro
-                idx = batch[lo:lo + micro].tolist()
-                ids, mask = _pad([tokens[i] for i in idx], core.tokenizer.pad_token_id)
-                img = [train_data.pair_image[i] for i in idx]
-                if feats is not None:
-                    inputs = {"features": feats[img]}
-                else:
-                    inputs = {"pixel_values": core._pixels([train_data.image_paths[i] for i in img])}
-                sync = contextlib.nullcontext() if a == cfg.grad_accum - 1 else acc.no_sync(model)
-                with sync:
-                    loss_sum = model(ids, mask, reduction="sum", **inputs)
-                    acc.backward(loss_sum * world / denom)
-                step_loss += loss_sum.detach() / denom
+            if pool is not None:  # the micro-batches side by side; their gradients summed in micro-batch order
+                results = list(pool.map(micro_grads, [batch] * cfg.grad_accum, range(cfg.grad_accum),
+                                        [denom] * cfg.grad_accum, [step] * cfg.grad_accum))
+                for p, grads in zip(trainable, zip(*(g for _, g in results))):
+                    total = None
+                    for g in grads:
+                        if g is not None:
+                            total = g if total is None else total + g
+                    p.grad = total
+                for loss_sum, _ in results:
+                    step_loss += loss_sum / denom
+            else:
+                for a in range(cfg.grad_accum):
+                    ids, mask, inputs = micro_inputs(batch, a)
+                    sync = contextlib.nullcontext() if a == cfg.grad_accum - 1 else acc.no_sync(model)
+                    with sync, micro_batch_rng(micro_batch_generator(cfg.seed, step, a * world + rank)):
+                        loss_sum = model(ids, mask, reduction="sum", **inputs)
+                        acc.backward(loss_sum * world / denom)
+                    step_loss += loss_sum.detach() / denom
             if cfg.max_grad_norm > 0:
                 acc.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
             optimizer.step()
@@ -212,7 +267,7 @@ def _train(captioner_cfg: CaptionerConfig, train_cfg: TrainConfig, data_root: Pa
             losses.append(loss_value)
             history["steps"].append({"step": step, "epoch": epoch, "loss": loss_value,
                                      "lr": scheduler.get_last_lr()[0]})
-            bar.set_postfix(loss=f"{loss_value:.3f}")
+            bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)  # redrawn at tqdm's pace, not every step
             if on_step is not None:
                 on_step(step, loss_value)
             if cfg.save_every_steps > 0 and step % cfg.save_every_steps == 0 and s + 1 < last:
@@ -222,7 +277,7 @@ def _train(captioner_cfg: CaptionerConfig, train_cfg: TrainConfig, data_root: Pa
                   "epoch_cpu_seconds": round(time.process_time() - c0, 3), "steps_run": len(losses)}
         if val_data is not None and acc.is_main_process:
             t1 = time.time()
-            preds = validate(core, val_data, val_feats, cfg)
+            preds = validate(core, val_data, val_feats, cfg, threads=side_by_side(cfg) if world == 1 else 1)
             record["val"] = evaluate_captions(preds, val_data, data_root, "val",
                                               clip=cfg.clip if cfg.clipscore else None)
             record["eval_seconds"] = round(time.time() - t1, 3)
@@ -256,22 +311,23 @@ def _baseline(train_data: CaptionData, val_data: CaptionData, data_root: Path) -
     return dict(_BASELINES[key])
 
 
-def _pad(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    L = max(len(r) for r in rows)
-    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), L), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)], mask[i, :len(r)] = r, 1
-    return ids, mask
+def _token_matrix(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """All rows right-padded with `pad_id` in one (N, max length) tensor, and their lengths; a micro-batch's ids are
+    `matrix[idx, :lengths[idx].max()]`."""
+    lengths = torch.tensor([len(r) for r in rows])
+    matrix = torch.full((len(rows), int(lengths.max())), pad_id, dtype=torch.long)
+    matrix[torch.arange(matrix.shape[1]) < lengths[:, None]] = torch.tensor([t for r in rows for t in r])
+    return matrix, lengths
 
 
-def validate(model: Captioner, data: CaptionData, features: Any, cfg: TrainConfig) -> dict[str, str]:
+def validate(model: Captioner, data: CaptionData, features: Any, cfg: TrainConfig, threads: int = 1) -> dict[str, str]:
     """Captions {stem: caption} for the validation images (cached features when given)."""
     if features is not None:
         caps = model.generate(features=features[list(range(len(data.stems)))], method=cfg.eval_method,
-                              beam_size=cfg.eval_beam_size)
+                              beam_size=cfg.eval_beam_size, threads=threads)
     else:
-        caps = model.generate(data.image_paths, method=cfg.eval_method, beam_size=cfg.eval_beam_size)
+        caps = model.generate(data.image_paths, method=cfg.eval_method, beam_size=cfg.eval_beam_size,
+                              threads=threads)
     return dict(zip(data.stems, caps))
 
 
