@@ -131,3 +131,37 @@ def test_open_clip_random_weights_offline() -> None:
     s = clip_scores(clip, [Image.new("RGB", (50, 50), "red")] * 3, ["a", "b " * 200, "c"], [["x"], ["y", "z"], ["c"]])
     assert s["clipscore"].shape == (3,) and np.all(s["clipscore"] >= 0) and np.isfinite(s["refclipscore"]).all()
     assert clip.vision_model is clip.model.visual
+
+
+def test_image_embeddings_are_cached_by_what_produced_them(clip, val, tmp_path, monkeypatch) -> None:
+    import os
+    import shutil
+
+    from captionlab.metrics import clipscore
+
+    monkeypatch.setenv("CAPTIONLAB_CACHE", str(tmp_path / "cache"))
+    ann, img_dir = val
+    paths = []
+    for s in ann.stems[:6]:
+        paths.append(tmp_path / f"{s}.jpg")
+        shutil.copy(ann.image_path(img_dir, s), paths[-1])
+    calls = {"n": 0}
+    encode = type(clip).encode_images
+
+    def counting(self, images, batch_size=64, progress=None):
+        calls["n"] += len(images)
+        return encode(self, images, batch_size=batch_size, progress=progress)
+
+    monkeypatch.setattr(type(clip), "encode_images", counting)
+    first = clipscore.encode_image_files(clip, paths, batch_size=4)
+    assert calls["n"] == 6 and len(list((tmp_path / "cache" / "clip_images").glob("*.npy"))) == 1
+    again = clipscore.encode_image_files(clip, paths, batch_size=4)
+    assert calls["n"] == 6 and torch.equal(first, again)  # read back exactly, nothing encoded
+    assert torch.equal(clipscore.encode_image_files(clip, paths, batch_size=4, cache=False), first)
+    assert calls["n"] == 12
+    clipscore.encode_image_files(clip, paths, batch_size=2)  # another batch size: its own entry
+    assert calls["n"] == 18
+    shutil.copy(ann.image_path(img_dir, ann.stems[7]), paths[0])  # an image replaced: computed again
+    os.utime(paths[0], ns=(1, 1))
+    changed = clipscore.encode_image_files(clip, paths, batch_size=4)
+    assert calls["n"] == 24 and not torch.equal(changed[0], first[0]) and torch.equal(changed[1:], first[1:])

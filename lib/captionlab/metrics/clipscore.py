@@ -8,29 +8,63 @@ Like the course evaluator, captions are embedded as written (no "A photo depicts
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from captionlab.errors import ConfigError
 from captionlab.models.clip import ClipBackend, load_clip
+from captionlab.utils import atomic_path, cache_dir
 
 W = 2.5
 
 
+def _embedding_cache_file(clip: ClipBackend, paths: Sequence[str | os.PathLike], batch_size: int) -> Path:
+    """Where `encode_image_files` keeps these embeddings: keyed by the CLIP (spec, its files' sizes and mtimes,
+    device, dtype), the batch size (it changes the last bits) and each image's path, size and mtime."""
+    from captionlab.models.clip import _fingerprint
+
+    try:
+        files = _fingerprint(clip.name)
+    except ConfigError:  # a backend built by hand under a name that is no spec
+        files = ""
+    h = hashlib.sha256(f"{clip.name}\n{files}\n{clip.device}\n{clip.dtype}\n{batch_size}".encode())
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"\n{os.path.abspath(p)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return cache_dir() / "clip_images" / f"{h.hexdigest()[:20]}.npy"
+
+
 def encode_image_files(clip: ClipBackend, paths: Sequence[str | os.PathLike], batch_size: int = 64,
-                       progress: bool = True) -> torch.Tensor:
-    """Embed image files batch by batch (only one batch decoded at a time): (N, D) L2-normalised."""
+                       progress: bool = True, cache: bool = True) -> torch.Tensor:
+    """Embed image files batch by batch (only one batch decoded at a time): (N, D) L2-normalised.
+
+    With `cache`, the embeddings are stored under $CAPTIONLAB_CACHE/clip_images/ and reused exactly by later
+    evaluations of the same images (02's attempts, 01's prompt-study cells and 03's decodings all score one set)."""
     from captionlab.data.images import load_image
 
+    file = _embedding_cache_file(clip, paths, batch_size) if cache else None
+    if file is not None and file.exists():
+        try:
+            return torch.from_numpy(np.load(file))
+        except (OSError, ValueError):  # a damaged entry: computed again and replaced
+            pass
     out = [torch.zeros(0, clip.embed_dim)]
     for i in tqdm(range(0, len(paths), batch_size), desc="CLIPScore images", disable=not progress or len(paths) <= batch_size,
                   leave=False):
         out.append(clip.encode_images([load_image(p) for p in paths[i:i + batch_size]], batch_size=batch_size))
-    return torch.cat(out)
+    emb = torch.cat(out)
+    if file is not None:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(file, suffix=".npy") as tmp:
+            np.save(tmp, emb.numpy())
+    return emb
 
 
 def _as_embeddings(clip: ClipBackend, images: Sequence[Any] | torch.Tensor, batch_size: int) -> torch.Tensor:

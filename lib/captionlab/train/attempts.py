@@ -151,27 +151,37 @@ def run_attempts(settings: list[tuple[RunConfig, dict[str, Any]]], cache: Result
                  workers: int | None = None) -> list[Attempt]:
     """`run_attempt(cfg, **changes)` for each (cfg, changes), in order; the uncached ones train side by side.
 
-    Each attempt runs exactly as it would alone (same seed, same torch thread count), so the results equal a
-    one-by-one run; `workers` (default `default_workers`) spawned processes share the work, and each attempt
-    trained here is reported as computed, not reused. Spawned workers need the usual `__main__` guard in a script.
+    Each attempt runs exactly as it would alone (same seed, same torch thread count; side-by-side micro-batches do
+    not change a result), so the results equal a one-by-one run; `workers` (default `default_workers`) spawned
+    processes share the work (after `start_workers`, its worker too, also for a lone attempt), each with its share of
+    the cores, and each attempt trained here is reported as computed, not reused. Spawned workers need the usual
+    `__main__` guard in a script.
     """
     import torch
+
+    from captionlab.workers import spawn_pool, stop_resource_tracker, take_warm_pool
 
     cache = cache or ResultCache()
     keys = [attempt_key(cfg, cache, **changes) for cfg, changes in settings]
     todo = [i for i, key in enumerate(keys) if not cache.stored(KIND, key)]
+    explicit = workers is not None
     if workers is None:
         workers = default_workers(settings[0][0], len(todo)) if settings else 1
-    if workers > 1 and cache.enabled and len(todo) > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
+    here = (not todo or not cache.enabled or (explicit and workers < 2) or settings[0][0].quick
+            or torch.cuda.is_available())  # nothing to train, or it trains in this process
+    warm = take_warm_pool(wait=not here)
+    if warm is not None and here:
+        warm[0].shutdown(wait=False, cancel_futures=True)
+        warm = None
+    if warm is not None or (workers > 1 and cache.enabled and len(todo) > 1):
+        pool, size = warm or (spawn_pool(workers), workers)
+        procs = min(size, len(todo))
+        share = max(1, cpu_cores() // (procs * torch.get_num_threads()))
         logs = {i: cache.root / KIND / ".logs" / f"{keys[i]}.log" for i in todo}
-        print(f"training {len(todo)} attempts in {workers} processes (each as it would run alone); "
+        print(f"training {len(todo)} attempt{'s' * (len(todo) > 1)} in {procs} process{'es' * (procs > 1)} "
+              f"({share} core{'s' * (share > 1)} each; each as it would run alone); "
               f"progress in {logs[todo[0]].parent}/", flush=True)
-        ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no inherited torch thread pools or locks
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            share = max(1, cpu_cores() // (workers * torch.get_num_threads()))
+        with pool:
             jobs = {i: pool.submit(_attempt_worker, (settings[i][0], settings[i][1], str(cache.root),
                                                      torch.get_num_threads(), share, str(logs[i]))) for i in todo}
             for i, job in jobs.items():
@@ -180,6 +190,7 @@ def run_attempts(settings: list[tuple[RunConfig, dict[str, Any]]], cache: Result
                 except Exception as e:
                     raise RuntimeError(f"attempt {settings[i][1] or 'main'} failed ({type(e).__name__}: {e}); "
                                        f"its log: {logs[i]}") from e
+        stop_resource_tracker()
     out = []
     trained_here = {keys[i] for i in todo}
     for cfg, changes in settings:
