@@ -9,6 +9,7 @@ models (`captionlab.resultcache`). Rerunning 02 with only `rank` changed retrain
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -147,6 +148,42 @@ def _attempt_worker(args: tuple[RunConfig, dict[str, Any], str, int, int, str]) 
         return run_attempt(cfg, ResultCache(cache_root), **changes).result.key
 
 
+_STEP = re.compile(rb"epoch \d+/\d+:\s+\d+%\|[^|\r\n]*\|\s*(\d+)/(\d+)")
+
+
+def _label(cfg: RunConfig, changes: dict[str, Any]) -> str:
+    cap = captioner_config(cfg, **changes)
+    return f"{cap.peft}/{cap.conditioning}" + (f" rank {cap.lora_rank}" if cap.peft == "lora" else "")
+
+
+def _follow(jobs: dict[int, Any], logs: dict[int, Path], labels: dict[int, str]) -> None:
+    """Until the workers' jobs are done, a progress bar per attempt in this process, read from the training-step
+    bars the workers write to their logs."""
+    from concurrent.futures import wait
+
+    from tqdm.auto import tqdm
+
+    bars: dict[int, Any] = {}
+    pending = set(jobs.values())
+    while pending:
+        _, pending = wait(pending, timeout=0.5)
+        for i, log in logs.items():
+            try:
+                with open(log, "rb") as f:
+                    f.seek(max(0, log.stat().st_size - 4096))
+                    found = _STEP.findall(f.read())
+            except OSError:
+                continue
+            if not found:
+                continue
+            step, total = (int(x) for x in found[-1])
+            if i not in bars:
+                bars[i] = tqdm(total=total, desc=labels[i], unit="step", leave=False)
+            bars[i].update(step - bars[i].n)
+    for bar in bars.values():
+        bar.close()
+
+
 def run_attempts(settings: list[tuple[RunConfig, dict[str, Any]]], cache: ResultCache | None = None,
                  workers: int | None = None) -> list[Attempt]:
     """`run_attempt(cfg, **changes)` for each (cfg, changes), in order; the uncached ones train side by side.
@@ -184,6 +221,7 @@ def run_attempts(settings: list[tuple[RunConfig, dict[str, Any]]], cache: Result
         with pool:
             jobs = {i: pool.submit(_attempt_worker, (settings[i][0], settings[i][1], str(cache.root),
                                                      torch.get_num_threads(), share, str(logs[i]))) for i in todo}
+            _follow(jobs, logs, {i: _label(settings[i][0], settings[i][1]) for i in todo})
             for i, job in jobs.items():
                 try:
                     job.result()  # re-raises a worker's error here
