@@ -7,12 +7,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from captionlab.utils import cpu_cores
+
 _WARM: tuple[Any, int, Any] | None = None  # (process pool, its size, the warm-up's future) until run_attempts takes it
-
-
-def cpu_cores() -> int:
-    """Cores this process may run on (= captionlab.utils.cpu_cores)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def spawn_pool(workers: int) -> Any:
@@ -30,9 +27,9 @@ def _warm_up() -> None:
     import peft  # noqa: F401
     from transformers import CLIPVisionModel  # noqa: F401
 
-    import captionlab.metrics.evaluate  # noqa: F401
-    import captionlab.models.captioner  # noqa: F401
-    import captionlab.train.attempts  # noqa: F401
+    import captionlab.metrics.evaluate
+    import captionlab.models.captioner
+    import captionlab.train.attempts
     import captionlab.train.loop  # noqa: F401
 
 
@@ -82,5 +79,5 @@ def stop_resource_tracker() -> None:
         from multiprocessing import resource_tracker
 
         resource_tracker._resource_tracker._stop()
-    except Exception:  # noqa: BLE001 - a private helper; without it only the shutdown is slower
+    except Exception:  # noqa: BLE001, S110 - a private helper; without it only the shutdown is slower
         pass

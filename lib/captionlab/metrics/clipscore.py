@@ -29,15 +29,14 @@ def _embedding_cache_file(clip: ClipBackend, paths: Sequence[str | os.PathLike],
     """Where `encode_image_files` keeps these embeddings: keyed by the CLIP (spec, its files' sizes and mtimes,
     device, dtype), the batch size (it changes the last bits) and each image's path, size and mtime."""
     from captionlab.models.clip import _fingerprint
+    from captionlab.models.features import hash_image_files
 
     try:
         files = _fingerprint(clip.name)
     except ConfigError:  # a backend built by hand under a name that is no spec
         files = ""
     h = hashlib.sha256(f"{clip.name}\n{files}\n{clip.device}\n{clip.dtype}\n{batch_size}".encode())
-    for p in paths:
-        st = os.stat(p)
-        h.update(f"\n{os.path.abspath(p)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    hash_image_files(h, paths)
     return cache_dir() / "clip_images" / f"{h.hexdigest()[:20]}.npy"
 
 
@@ -61,7 +60,6 @@ def encode_image_files(clip: ClipBackend, paths: Sequence[str | os.PathLike], ba
         out.append(clip.encode_images([load_image(p) for p in paths[i:i + batch_size]], batch_size=batch_size))
     emb = torch.cat(out)
     if file is not None:
-        file.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(file, suffix=".npy") as tmp:
             np.save(tmp, emb.numpy())
     return emb

@@ -51,10 +51,15 @@ def cache_key(encoder_spec: str, image_paths: Sequence[str | os.PathLike], dtype
     """Hash of the encoder spec (+ its files) and the image list (names, sizes, mtimes) and the storage dtype."""
     h = hashlib.sha256(_spec_fingerprint(encoder_spec).encode())
     h.update(dtype.encode())
+    hash_image_files(h, image_paths)
+    return h.hexdigest()[:20]
+
+
+def hash_image_files(h: hashlib._Hash, image_paths: Sequence[str | os.PathLike]) -> None:
+    """Add each image's absolute path, size and mtime to `h` (the image part of the feature and embedding keys)."""
     for p in image_paths:
         st = os.stat(p)
         h.update(f"\n{os.path.abspath(p)}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:20]
 
 
 @torch.no_grad()

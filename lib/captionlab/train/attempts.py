@@ -55,8 +55,7 @@ class Attempt:
 
     def describe(self) -> str:
         """One line: which setting, and whether it was trained now or reused from the cache."""
-        label = f"{self.peft}/{self.conditioning}" + (f" rank {self.rank}" if self.rank is not None else "")
-        return self.result.describe(label)
+        return self.result.describe(_label(self.peft, self.conditioning, self.rank))
 
     def copy_checkpoint(self, dest: str | Path) -> Path:
         """Copy the best checkpoint to `dest` (replaced atomically), e.g. where 03 and 04 expect it."""
@@ -123,13 +122,11 @@ def attempt_key(cfg: RunConfig, cache: ResultCache | None = None, **changes: Any
 def default_workers(cfg: RunConfig, todo: int) -> int:
     """Processes for `todo` uncached attempts: one per core (at most two) on a CPU; one on a GPU (the attempts
     would share its memory) and in quick mode (its attempts train in seconds, less than starting a process)."""
-    import os
-
     import torch
 
     if todo <= 1 or cfg.quick or torch.cuda.is_available():
         return 1
-    return min(2, len(os.sched_getaffinity(0)), todo)
+    return min(2, cpu_cores(), todo)
 
 
 def _attempt_worker(args: tuple[RunConfig, dict[str, Any], str, int, int, str]) -> str:
@@ -151,9 +148,14 @@ def _attempt_worker(args: tuple[RunConfig, dict[str, Any], str, int, int, str]) 
 _STEP = re.compile(rb"epoch \d+/\d+:\s+\d+%\|[^|\r\n]*\|\s*(\d+)/(\d+)")
 
 
-def _label(cfg: RunConfig, changes: dict[str, Any]) -> str:
+def _label(peft: str, conditioning: str, rank: int | None) -> str:
+    """An attempt's name: method/conditioning, and the LoRA rank (None for other methods)."""
+    return f"{peft}/{conditioning}" + (f" rank {rank}" if rank is not None else "")
+
+
+def _setting_label(cfg: RunConfig, changes: dict[str, Any]) -> str:
     cap = captioner_config(cfg, **changes)
-    return f"{cap.peft}/{cap.conditioning}" + (f" rank {cap.lora_rank}" if cap.peft == "lora" else "")
+    return _label(cap.peft, cap.conditioning, cap.lora_rank if cap.peft == "lora" else None)
 
 
 def _follow(jobs: dict[int, Any], logs: dict[int, Path], labels: dict[int, str]) -> None:
@@ -221,7 +223,7 @@ def run_attempts(settings: list[tuple[RunConfig, dict[str, Any]]], cache: Result
         with pool:
             jobs = {i: pool.submit(_attempt_worker, (settings[i][0], settings[i][1], str(cache.root),
                                                      torch.get_num_threads(), share, str(logs[i]))) for i in todo}
-            _follow(jobs, logs, {i: _label(settings[i][0], settings[i][1]) for i in todo})
+            _follow(jobs, logs, {i: _setting_label(settings[i][0], settings[i][1]) for i in todo})
             for i, job in jobs.items():
                 try:
                     job.result()  # re-raises a worker's error here
