@@ -46,7 +46,7 @@ OVERRIDDEN := 's/^\([A-Za-z0-9_.-]*\) *;.*"never".*/\1/p'
 $(VENV)/.installed: $(LOCK) $(LOCK_OVERRIDES) pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@date +%s > $(VENV)/.install-start
-	@if [ -x $(UV) ] || { $(PYTHON) -m venv $(TOOLS) && $(TOOLS)/bin/pip install -q $(UV_PIN); } >/dev/null 2>&1; then \
+	@if [ -x $(UV) ] || $(MAKE) --no-print-directory $(UV) >/dev/null 2>&1; then \
 	  echo "Installing $(LOCK) into $(VENV) with uv..."; \
 	  $(UV) pip install -q --python $(PY) $$($(PYTHON) requirements/uv_args.py) -c $(LOCK_CONSTRAINTS) \
 	    --overrides $(LOCK_OVERRIDES) $(TORCH_PIN) -r $(LOCK) && $(UV) pip install -q --python $(PY) --no-deps -e .; \
@@ -78,8 +78,9 @@ java:
 	  || { echo "ERROR: could not install default-jre-headless; install Java 11+ by hand (CIDEr needs it)."; exit 1; }; \
 	else echo "ERROR: java is missing. Install it (Debian/Ubuntu: sudo apt-get install default-jre-headless; conda: conda install openjdk)."; exit 1; fi
 
-# Headless Chromium prints the HTML report to PDF; without it the report is HTML only (with a warning).
-chromium:
+# Headless Chromium prints the HTML report to PDF; without it the report is HTML only (with a warning). After java
+# (order only): two apt-gets at once would race for the dpkg lock.
+chromium: | java
 	@if (command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || command -v google-chrome >/dev/null 2>&1) \
 	    && command -v pdfunite >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -91,7 +92,9 @@ chromium:
 # The suite runs on every core (pytest-xdist; TEST_JOBS=0: one process). The demo models build in the background
 # meanwhile (tests/conftest.py), and the tests that need them run last.
 TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; [ $$n -lt 2 ] && n=0; echo $$n)
-test: venv chromium
+# The venv install and the apt install of Chromium run side by side (-j2; mostly disk and network, not CPU).
+test:
+	@$(MAKE) --no-print-directory -j2 venv chromium
 	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadgroup --durations=20 $(PYTEST_ARGS)
 
 # The edit-test loop: no demo model builds (tiny random models and the generated data only), under 3 min on 2 cores.
@@ -101,9 +104,10 @@ test-fast: venv
 # The lock: pyproject.toml's ranges (+ dev extra) under $(LOCK_CONSTRAINTS) and $(LOCK_OVERRIDES) (packages left
 # out), resolved by uv for this Python.
 # Versions already in the lock are kept unless UPGRADE=1 (then: the newest the ranges allow).
+# uv itself: into $(TOOLS) with the system pip (5 s), else in a venv of its own (10 s: the venv installs pip first).
 $(UV):
-	$(PYTHON) -m venv $(TOOLS)
-	$(TOOLS)/bin/pip install -q $(UV_PIN)
+	@$(PYTHON) -m pip install -q --target $(TOOLS) $(UV_PIN) || { rm -rf $(TOOLS) && $(PYTHON) -m venv $(TOOLS) && \
+	  $(TOOLS)/bin/pip install -q $(UV_PIN); }
 
 lock: $(UV)
 	$(UV) pip compile pyproject.toml --extra dev -c $(LOCK_CONSTRAINTS) --overrides $(LOCK_OVERRIDES) \
@@ -124,7 +128,8 @@ test-latest: java
 world: venv
 	$(VENV)/bin/captionlab world build --models
 
-demo: venv chromium
+demo:
+	@$(MAKE) --no-print-directory -j2 venv chromium
 	$(VENV)/bin/captionlab report run --params $(PARAMS)
 
 # The course route rehearsed on CPU: hw3_data-shaped photos + random-weight checkpoints at the real shapes

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from captionlab import resultcache
-from captionlab.resultcache import ResultCache, fingerprint
+from captionlab.resultcache import ResultCache, fingerprint, held_fingerprints
 
 
 def _counting(calls: list, payload: str = "w"):
@@ -92,6 +92,27 @@ def test_fingerprint_tracks_content_names_and_large_files(tmp_path: Path, monkey
     fp_big = fingerprint(big)
     os.utime(big, ns=(1, 1))
     assert fingerprint(big) != fp_big  # large files: size + mtime
+
+
+def test_held_fingerprints_reads_each_path_once_per_block(tmp_path: Path, monkeypatch):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "x.txt").write_text("one")
+    reads = []
+    digest = resultcache._file_digest
+    monkeypatch.setattr(resultcache, "_file_digest", lambda path, h, content=True: (reads.append(path),
+                                                                                      digest(path, h, content)))
+    cache = ResultCache(tmp_path / "cache")
+    with held_fingerprints():
+        keys = {cache.key("k", {"n": n}, inputs=[d], listings=[d]) for n in range(3)}
+        assert len(keys) == 3 and len(reads) == 2  # three keys, the folder read once by content, once by listing
+        with held_fingerprints():  # a nested block shares the outer one's
+            fingerprint(d)
+        assert len(reads) == 2
+        held = fingerprint(d)
+    (d / "x.txt").write_text("two")
+    assert fingerprint(d) != held  # outside a block every call looks again
+    assert len(reads) == 3
 
 
 def test_unjsonable_config_is_refused(tmp_path: Path):

@@ -17,6 +17,8 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -37,12 +39,39 @@ def _file_digest(path: str | Path, h: "hashlib._Hash", content: bool = True) -> 
             h.update(block)
 
 
+_HELD: dict[tuple[str, bool], str] | None = None  # fingerprints taken inside `held_fingerprints()`
+
+
+@contextmanager
+def held_fingerprints() -> Iterator[None]:
+    """Inside this block each path is fingerprinted once: a batch of lookups on the same inputs (02's attempts share
+    the data folders and model files) reads them once, not once per lookup. Nested blocks share the outer one's."""
+    global _HELD
+    outer = _HELD
+    if outer is None:
+        _HELD = {}
+    try:
+        yield
+    finally:
+        if outer is None:
+            _HELD = None
+
+
 def fingerprint(path: str | os.PathLike, content: bool = True) -> str:
     """A short digest of a file's or a directory tree's content (missing path: a fixed 'missing' digest).
 
     `content=False` digests names, sizes and modification times only (a folder of many images).
     """
-    path = Path(path)
+    held = _HELD
+    if held is None:
+        return _fingerprint(Path(path), content)
+    key = (os.path.abspath(path), content)
+    if key not in held:
+        held[key] = _fingerprint(Path(path), content)
+    return held[key]
+
+
+def _fingerprint(path: Path, content: bool) -> str:
     h = hashlib.sha256()
     if not path.exists():
         h.update(b"missing")

@@ -17,7 +17,7 @@ from typing import Any
 
 from captionlab.models.specs import parse_spec
 from captionlab.params import RunConfig
-from captionlab.resultcache import CachedResult, ResultCache
+from captionlab.resultcache import CachedResult, ResultCache, held_fingerprints
 from captionlab.train.config import captioner_config, train_config
 from captionlab.utils import atomic_dir, atomic_write_json, cpu_cores
 
@@ -196,11 +196,16 @@ def run_attempts(settings: list[tuple[RunConfig, dict[str, Any]]], cache: Result
     the cores, and each attempt trained here is reported as computed, not reused. Spawned workers need the usual
     `__main__` guard in a script.
     """
+    with held_fingerprints():  # the settings share their data and model files (read-only): fingerprinted once
+        return _run_attempts(settings, cache or ResultCache(), workers)
+
+
+def _run_attempts(settings: list[tuple[RunConfig, dict[str, Any]]], cache: ResultCache,
+                  workers: int | None) -> list[Attempt]:
     import torch
 
     from captionlab.workers import spawn_pool, stop_resource_tracker, take_warm_pool
 
-    cache = cache or ResultCache()
     keys = [attempt_key(cfg, cache, **changes) for cfg, changes in settings]
     todo = [i for i, key in enumerate(keys) if not cache.stored(KIND, key)]
     explicit = workers is not None
