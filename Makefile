@@ -89,12 +89,14 @@ chromium: | java
 	  || echo "WARNING: could not install chromium; reports will be HTML only."; \
 	else echo "WARNING: chromium is missing (sudo apt-get install chromium); reports will be HTML only."; fi
 
+# test, demo and rehearse start with the venv and Chromium, installed side by side (-j2; mostly disk and network).
+SETUP = @$(MAKE) --no-print-directory -j2 venv chromium
+
 # The suite runs on every core (pytest-xdist; TEST_JOBS=0: one process). The demo models build in the background
 # meanwhile (tests/conftest.py), and the tests that need them run last.
 TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; [ $$n -lt 2 ] && n=0; echo $$n)
-# The venv install and the apt install of Chromium run side by side (-j2; mostly disk and network, not CPU).
 test:
-	@$(MAKE) --no-print-directory -j2 venv chromium
+	$(SETUP)
 	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadgroup --durations=20 $(PYTEST_ARGS)
 
 # The edit-test loop: no demo model builds (tiny random models and the generated data only), under 3 min on 2 cores.
@@ -129,14 +131,15 @@ world: venv
 	$(VENV)/bin/captionlab world build --models
 
 demo:
-	@$(MAKE) --no-print-directory -j2 venv chromium
+	$(SETUP)
 	$(VENV)/bin/captionlab report run --params $(PARAMS)
 
 # The course route rehearsed on CPU: hw3_data-shaped photos + random-weight checkpoints at the real shapes
 # ({cache}/rehearsal, ~2.6 GB, ~1 min to build), then every notebook on params/rehearsal.yaml.
 # REHEARSE_DTYPE=bfloat16 runs the bf16 paths the GPU route uses (slow on CPUs without bf16 units).
 REHEARSE_DTYPE ?=
-rehearse: venv chromium
+rehearse:
+	$(SETUP)
 	$(VENV)/bin/captionlab world build --rehearsal
 	CAPTIONLAB_DTYPE=$(REHEARSE_DTYPE) $(VENV)/bin/captionlab report run --params params/rehearsal.yaml
 

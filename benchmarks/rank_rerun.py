@@ -74,13 +74,11 @@ def _cpu() -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("CAPTIONLAB_CACHE", str(REPO / ".cache"))
-    from captionlab.demo import MODEL_BUILDERS, ensure_model, ensure_world
+    from captionlab.demo import MODEL_BUILDERS, ensure_models, world_root
     from captionlab.utils import atomic_write_json, cpu_cores
 
-    ensure_world(0)
-    for name in MODEL_BUILDERS:
-        ensure_model(name)
-    demo = Path(os.environ["CAPTIONLAB_CACHE"]).resolve() / "demo"
+    ensure_models(MODEL_BUILDERS)  # the world and every demo model (independent ones side by side)
+    demo = world_root().resolve().parent
     pairs = []
     for i in range(args.pairs):
         with tempfile.TemporaryDirectory(prefix="rank_rerun_") as tmp:
