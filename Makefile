@@ -16,6 +16,10 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export MPLBACKEND ?= Agg
+# glibc's malloc: blocks up to 32 MB come from the heap and 256 MB of freed heap is kept, so the tensors a training
+# step frees are reused instead of unmapped and faulted in again (a LoRA captioner epoch: 829k -> 188k page faults,
+# 3.6 -> 1.4 s of system time, same result; cold `make test` on 2 cores: 170 -> 118 s of system time, 20 s sooner).
+export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=268435456
 export CAPTIONLAB_MAKE_START := $(shell date +%s)  # the report's stage table counts what ran since this make began
 PARAMS ?= params/demo.yaml
 

@@ -48,7 +48,9 @@ def test_attempts_trained_side_by_side_equal_one_by_one(demo_world: Path, demo_c
 
     cfg = load_config("params/demo.yaml", {"quick": True, "epochs": 1, "run_dir": str(tmp_path / "run")})
     settings = [(cfg, {"peft": "adapter"}), (cfg, {"conditioning": "prefix"})]
-    serial = run_attempts(settings, ResultCache(tmp_path / "one"), workers=1)
+    # one by one, in this process, into the session's results cache: 02's quick run (test_notebooks_execute) trains
+    # these two comparison attempts one by one too, so whichever comes second reuses the first's (same keys)
+    serial = run_attempts(settings, ResultCache(), workers=1)
     both = run_attempts(settings, ResultCache(tmp_path / "two"), workers=2)
     for a, b in zip(serial, both):
         assert not b.result.reused and "computed" in b.describe()  # trained by a worker: not "reused"
