@@ -41,11 +41,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # fixture that the other worker is computing waits for it), and the LLaVA half of the quick report (47 s) starts as
 # soon as the LLaVA tests may run instead of ending the run alone while the other worker idles.
 FIRST_IN_STAGE = (
-    "test_attention_demo.py::test_pointing_game_beats_random_baseline",  # trains demo_captioner: 117 s
+    "test_attention_demo.py::test_pointing_game_beats_random_baseline",  # trains demo_captioner: 58 s
     "test_attention_demo.py::test_best_method_localises_for_the_captioner",  # demo_cross_captioner: 58 s
     "test_notebooks_execute.py::test_notebooks_without_llava_run_in_quick_mode",  # 55 s
     "test_train_attempts.py::test_attempts_trained_side_by_side_equal_one_by_one",  # 34 s
     "test_notebooks_execute.py::test_llava_notebooks_run_in_quick_mode",  # 35-47 s, the longest LLaVA test
+    # two short ones next: the worker that took the LLaVA notebooks has fetched its next two tests already (xdist
+    # keeps 2-3 queued per worker), so the 18 s one after them goes to the other worker (both next to each other
+    # on one worker: that worker ended 33 s after the other)
+    "test_attention_demo.py::test_demo_llava_grid_and_words",
+    "test_decode_search.py::test_hf_decoder_on_demo_llava_matches_hf_generate",
     "test_bench_runner.py::test_quick_run_writes_json_plot_and_readme_section",  # 18 s
 )
 
