@@ -186,8 +186,8 @@ def tiny_captioner_models(demo_world: Path, tmp_path_factory: pytest.TempPathFac
 def demo_captioner(demo_world: Path, demo_clip: Path, demo_gpt2: Path) -> tuple[dict, Path]:
     """A LoRA captioner (rank 4, <1 % of the decoder), prefix conditioning, trained on 2400 demo images for 1 epoch
     (375 steps of 32 pairs, ~55 CPU-s; 2 epochs cost twice that for CIDEr 3.8x instead of 2.8x the most-common
-    caption on a Zen 3) once: cached by its full configuration and the world's and models' fingerprints (captionlab.resultcache), so
-    xdist workers and reruns share one training: (history, best checkpoint dir)."""
+    caption on a Zen 3) once: cached by its full configuration and the world's and models' fingerprints
+    (captionlab.resultcache), so xdist workers and reruns share one training: (history, best checkpoint dir)."""
     from dataclasses import asdict
 
     from captionlab.models.captioner import CaptionerConfig
