@@ -49,7 +49,8 @@ def test_checkpoint_round_trips_offline(demo_clip: Path, clip) -> None:
 
 def test_text_pooling_uses_eos_position(clip) -> None:
     model, processor = clip
-    enc = processor(text=["a red circle", "two blue squares and a small green star"], padding=True, return_tensors="pt")
+    enc = processor(text=["a red circle", "two blue squares and a small green star"], padding=True, truncation=True,
+                    return_tensors="pt")
     with torch.no_grad():
         out = model.text_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
     eos_pos = enc["attention_mask"].sum(1) - 1
