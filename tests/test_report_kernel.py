@@ -26,3 +26,37 @@ def test_kernel_runs_without_tcp_warning_and_errors_still_raise(tmp_path, capfd)
     err = capfd.readouterr().err
     assert "without encryption" not in err
     assert not list(tmp_path.glob("*ipc*"))  # IPC socket files live in the Jupyter runtime dir, not the cwd
+
+
+def test_kernel_is_stopped_and_reaped_when_the_notebook_is_done(tmp_path):
+    """The runner stops the kernel at once after the last cell (`shutdown_kernel="immediate"`): the outputs are all
+    there, and the kernel and a process it started are gone (not left running) when execute_notebook returns."""
+    import os
+
+    from captionlab.report import runner
+
+    src = _notebook(tmp_path / "k.ipynb", "import subprocess, sys\n"
+                    "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+                    "print(child.pid)")
+    pids: list[int] = []
+    token = runner._KERNEL_PIDS.set(pids)
+    try:
+        out = execute_notebook(src, tmp_path / "k.out.ipynb", {}, cwd=tmp_path, progress=False)
+    finally:
+        runner._KERNEL_PIDS.reset(token)
+    child = int(nbformat.read(out, 4).cells[-1].outputs[0]["text"])
+    assert len(pids) == 1
+
+    def alive(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
+        except FileNotFoundError:
+            return False
+
+    assert not alive(pids[0])
+    try:
+        assert not alive(child)  # the kernel's process group is stopped with it
+    finally:
+        if alive(child):
+            os.kill(child, 9)

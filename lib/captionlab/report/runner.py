@@ -195,9 +195,14 @@ def execute_notebook(notebook: str | Path, output: str | Path, parameters: dict[
     notebook, output = Path(notebook), Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     try:
+        # shutdown_kernel="immediate": once the last cell is done, the kernel is stopped at once. A graceful
+        # shutdown waits for ipykernel 7's control thread, which now and then flushes stdout through the IOPub
+        # thread the kernel has already stopped; jupyter_client then waits 2.5 s before it sends SIGTERM.
+        # Nothing in a notebook here depends on the kernel's atexit hooks (results are written atomically by
+        # the cells that compute them, and worker processes are joined before their cell ends).
         pm.execute_notebook(str(notebook), str(output), parameters=parameters, kernel_name=kernel_name,
                             progress_bar=progress, cwd=str(cwd), execution_timeout=timeout,
-                            kernel_manager_class=ipc_kernel_manager())
+                            kernel_manager_class=ipc_kernel_manager(), shutdown_kernel="immediate")
     except PapermillExecutionError as exc:
         lines = [ln for ln in (exc.source or "").splitlines() if ln.strip()]
         src = "\n".join("    " + ln for ln in lines[:4]) + ("\n    ..." if len(lines) > 4 else "")
