@@ -31,7 +31,7 @@ def test_kernel_runs_without_tcp_warning_and_errors_still_raise(tmp_path, capfd)
 def test_kernel_is_stopped_and_reaped_when_the_notebook_is_done(tmp_path):
     """The runner stops the kernel at once after the last cell (`shutdown_kernel="immediate"`): the outputs are all
     there, and the kernel and a process it started are gone (not left running) when execute_notebook returns."""
-    import os
+    import psutil
 
     from captionlab.report import runner
 
@@ -49,9 +49,8 @@ def test_kernel_is_stopped_and_reaped_when_the_notebook_is_done(tmp_path):
 
     def alive(pid: int) -> bool:
         try:
-            with open(f"/proc/{pid}/stat") as f:
-                return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
-        except FileNotFoundError:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE  # a zombie has exited
+        except psutil.NoSuchProcess:
             return False
 
     assert not alive(pids[0])
@@ -59,4 +58,4 @@ def test_kernel_is_stopped_and_reaped_when_the_notebook_is_done(tmp_path):
         assert not alive(child)  # the kernel's process group is stopped with it
     finally:
         if alive(child):
-            os.kill(child, 9)
+            psutil.Process(child).kill()
