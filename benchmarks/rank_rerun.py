@@ -4,8 +4,10 @@
     .venv/bin/python benchmarks/rank_rerun.py --pairs 5 --first 4 --second 16
 
 Each pair starts from empty results, encoder-feature and CLIP-embedding caches (a cache folder of its own that
-links to the built demo world, so the user's caches and reports are left alone), runs the two papermill commands
-one after the other and times each from the command's start to its exit. The second run should train only the
+links to the built demo world, so the user's caches and reports are left alone) and with no warm worker server
+(a worker folder of its own: the first run starts the server, as a user's first run of the day does, and the rerun
+finds it), runs the two papermill commands one after the other and times each from the command's start to its
+exit; then it stops that server. The second run should train only the
 rank-B attempt and reuse the other three; the script checks that in the executed notebook. It prints every pair
 and the median ratio, and writes reports/bench/rank_rerun.json. Issue #17 asks for a ratio under 1/3 on 2 cores.
 """
@@ -76,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("CAPTIONLAB_CACHE", str(REPO / ".cache"))
     from captionlab.demo import MODEL_BUILDERS, ensure_models, world_root
     from captionlab.utils import atomic_write_json, cpu_cores
+    from captionlab.workers import DIR_ENV, stop_servers
 
     ensure_models(MODEL_BUILDERS)  # the world and every demo model (independent ones side by side)
     demo = world_root().resolve().parent
@@ -85,10 +88,13 @@ def main(argv: list[str] | None = None) -> int:
             tmp = Path(tmp)
             (tmp / "cache").mkdir()
             (tmp / "cache" / "demo").symlink_to(demo, target_is_directory=True)  # built world; empty result caches
-            env = {**os.environ, "CAPTIONLAB_CACHE": str(tmp / "cache")}
+            env = {**os.environ, "CAPTIONLAB_CACHE": str(tmp / "cache"), DIR_ENV: str(tmp / "workers")}
             env.pop("PYTHONDONTWRITEBYTECODE", None)  # as `make` runs it: cached bytecode
-            first = run_notebook(tmp / "first.ipynb", args.first, args.params, tmp / "run", env)
-            second = run_notebook(tmp / "second.ipynb", args.second, args.params, tmp / "run", env)
+            try:
+                first = run_notebook(tmp / "first.ipynb", args.first, args.params, tmp / "run", env)
+                second = run_notebook(tmp / "second.ipynb", args.second, args.params, tmp / "run", env)
+            finally:
+                stop_servers(tmp / "workers")
         ratio = second["seconds"] / first["seconds"]
         pairs.append({"first": first, "second": second, "ratio": round(ratio, 3)})
         print(f"pair {i + 1}: rank {args.first} {first['seconds']:.1f} s ({first['computed']} attempts trained), "

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("CAPTIONLAB_CACHE", str(Path(__file__).resolve().parents[1] / ".cache"))
+# Warm worker servers the tests start live in a folder of this test process (a user's servers are left alone);
+# pytest_sessionfinish stops them.
+os.environ["CAPTIONLAB_WORKER_DIR"] = _WORKER_DIR = tempfile.mkdtemp(prefix="captionlab-workers-")
 
 
 DEMO_MODEL_FIXTURES = {"demo_clip", "demo_gpt2", "demo_llava", "demo_captioner", "demo_cross_captioner"}
@@ -97,7 +102,11 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """Stop the background model build if it is still running (the tests that needed it were deselected or the run
     stopped early; builds write into a temporary folder and rename it, so nothing half-built is left) and release
-    its guard."""
+    its guard. Stop the warm worker servers the tests started."""
+    from captionlab.workers import stop_servers
+
+    stop_servers(_WORKER_DIR)
+    shutil.rmtree(_WORKER_DIR, ignore_errors=True)
     if _BUILD_GUARD:
         import signal
 

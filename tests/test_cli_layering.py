@@ -75,4 +75,5 @@ def test_cli_lists_every_command_without_heavy_imports() -> None:
             "assert 'torch' not in sys.modules, 'the parser imported torch'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["attention", "caption", "evaluate", "llava", "prompt-study", "report", "train", "world", "zeroshot"]
+    assert proc.stdout.split() == ["attention", "caption", "evaluate", "llava", "prompt-study", "report", "train",
+                                   "workers", "world", "zeroshot"]

@@ -58,31 +58,3 @@ def test_attempts_trained_side_by_side_equal_one_by_one(demo_world: Path, demo_c
         assert load_predictions(b.predictions) == load_predictions(a.predictions)
     again = run_attempts(settings, ResultCache(tmp_path / "two"))
     assert all(a.result.reused for a in again)
-
-
-def test_a_lone_attempt_trains_in_the_early_started_worker(demo_world: Path, demo_clip: Path, demo_gpt2: Path,
-                                                           tmp_path: Path, capsys) -> None:
-    import multiprocessing
-
-    from captionlab.data import load_predictions
-    from captionlab.train.attempts import run_attempts
-    from captionlab.utils import cpu_cores
-    from captionlab.workers import start_workers, take_warm_pool
-
-    cfg = load_config("params/demo.yaml", {"run_dir": str(tmp_path / "run"),
-                                           "train": {"max_steps": 3, "grad_accum": 2, "train_images": 32,
-                                                     "eval_images": 8}})
-    here = run_attempts([(cfg, {})], ResultCache(tmp_path / "here"))[0]  # no worker started: in this process
-    assert "process" not in capsys.readouterr().out
-    assert not start_workers("params/demo.yaml", quick=True)  # quick mode trains in the notebook
-    if cpu_cores() < 2:
-        pytest.skip("one core: attempts train in the notebook's process")
-    assert start_workers("params/demo.yaml") and start_workers("params/demo.yaml")  # once
-    there = run_attempts([(cfg, {})], ResultCache(tmp_path / "there"))[0]
-    out = capsys.readouterr().out
-    assert "training 1 attempt in 1 process (2 cores each" in out
-    assert (tmp_path / "there" / "train_attempt" / ".logs" / f"{there.result.key}.log").exists()
-    assert not there.result.reused and there.result.key == here.result.key
-    assert load_predictions(there.predictions) == load_predictions(here.predictions)
-    assert there.summary["CIDEr"] == here.summary["CIDEr"]
-    assert take_warm_pool() is None and not multiprocessing.active_children()  # taken, finished, and shut down

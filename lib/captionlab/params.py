@@ -168,6 +168,15 @@ def check_keys(mapping: dict[str, Any], source: str) -> None:
             raise ConfigError(f"{source}: unknown key {key!r}{hint}; see captionlab.params.RunConfig")
 
 
+def notebook_overrides(parameters: typing.Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """(params file, overrides) from a notebook's namespace: its RunConfig-field names that are not None or ""
+    (`quick` may be a string, as papermill's `-p quick true` passes it)."""
+    given = {k: v for k, v in parameters.items() if k in FIELDS and v is not None and v != ""}
+    if isinstance(given.get("quick"), str):
+        given["quick"] = given["quick"].strip().lower() in ("1", "true", "yes", "on")
+    return given.pop("params_file", DEFAULT_PARAMS), given
+
+
 def load_config(path: str | os.PathLike | None = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None,
                 source: str = "overrides") -> RunConfig:
     """Read a params file, apply overrides (named `source` in errors), resolve `{placeholders}`, validate.

@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "captionlab.cli.zeroshot",  # zeroshot
     "captionlab.cli.attention",  # attention series / faithfulness
     "captionlab.cli.report",  # report run / sweep
+    "captionlab.cli.workers",  # workers status / stop
 ]
 
 

@@ -183,7 +183,8 @@ class Captioner(nn.Module):
             body = [e.ids for e in backend.encode_batch(list(captions), add_special_tokens=False)]
         else:
             body = tok(list(captions), add_special_tokens=False)["input_ids"]
-        return [[tok.bos_token_id] + ids[:self.config.max_caption_tokens] + [tok.eos_token_id] for ids in body]
+        bos, eos, n = [tok.bos_token_id], [tok.eos_token_id], self.config.max_caption_tokens  # looked up once
+        return [bos + ids[:n] + eos for ids in body]
 
     def encode_captions(self, captions: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Token ids [bos] caption [eos] right-padded, and their attention mask (B, L)."""

@@ -21,7 +21,8 @@ from typing import Any
 from collections.abc import Iterable, MutableMapping
 
 from captionlab.errors import ConfigError, MissingInputError
-from captionlab.params import DEFAULT_PARAMS, FIELDS, RunConfig, load_config, prepare_world, repo_path  # noqa: F401
+from captionlab.params import (DEFAULT_PARAMS, FIELDS, RunConfig, load_config, notebook_overrides,  # noqa: F401
+                               prepare_world, repo_path)
 from captionlab.report.render import HEADLINE
 from captionlab.utils import atomic_write_json, run_metadata, set_seed
 
@@ -152,10 +153,7 @@ def start(name: str, parameters: MutableMapping[str, Any] | None = None, models:
     `parameters` is the notebook's namespace (`globals()`): its names that are RunConfig fields are read as
     overrides (None or "" = from the params file), then set to their resolved values.
     """
-    given = {k: v for k, v in (parameters or {}).items() if k in FIELDS and v is not None and v != ""}
-    if isinstance(given.get("quick"), str):
-        given["quick"] = _as_bool(given["quick"])
-    params_file = given.pop("params_file", DEFAULT_PARAMS)
+    params_file, given = notebook_overrides(parameters or {})
     cfg = load_config(params_file, given, source=f"{name} parameters")
     missing = missing_inputs(name, cfg)
     if missing:  # one line, before anything is built
@@ -187,15 +185,9 @@ def start(name: str, parameters: MutableMapping[str, Any] | None = None, models:
 def _demo_threads() -> None:
     """The demo models are tiny: one torch thread is as fast, and two spinning threads on a busy 2-core CPU ran a
     prompt study 3-10x slower (training already uses one: TrainConfig.cpu_threads). CAPTIONLAB_TORCH_THREADS
-    overrides."""
-    import os
-
+    overrides (`captionlab.workers.notebook_torch_threads`, which 02's early-submitted attempt uses too)."""
     import torch
 
-    torch.set_num_threads(int(os.environ.get("CAPTIONLAB_TORCH_THREADS", "1")))
+    from captionlab.workers import notebook_torch_threads
 
-
-def _as_bool(value: Any) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    return bool(value)
+    torch.set_num_threads(notebook_torch_threads("demo"))

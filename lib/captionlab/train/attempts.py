@@ -8,6 +8,7 @@ models (`captionlab.resultcache`). Rerunning 02 with only `rank` changed retrain
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -129,20 +130,31 @@ def default_workers(cfg: RunConfig, todo: int) -> int:
     return min(2, cpu_cores(), todo)
 
 
-def _attempt_worker(args: tuple[RunConfig, dict[str, Any], str, int, int, str]) -> str:
-    """Spawned worker: one attempt with the parent's cache folder and torch thread count and its share of the cores
-    for side-by-side micro-batches (`TrainConfig.micro_threads`, which does not change the result), its progress
-    bars and prints going to `log` (two workers' bars would interleave on the parent's terminal); returns its key."""
-    cfg, changes, cache_root, threads, share, log = args
+def _attempt_worker(args: tuple[RunConfig, dict[str, Any], str, int | None, int | None, str | None, bool]
+                    ) -> str | None:
+    """A worker process (forked by the warm worker server, or spawned): one attempt with the notebook's cache folder
+    and torch thread count (None: torch's default) and its share of the cores for side-by-side micro-batches
+    (`TrainConfig.micro_threads`, which does not change the result; None: the share of the moment, as the server's
+    running attempts come and go: `captionlab.train.loop.side_by_side`), its progress bars and prints
+    going to `log` (default: the attempt's log in the cache), as two workers' bars would interleave on the
+    notebook's terminal; returns its key. `early` (02's setup cell submitting the notebook's own setting before
+    its imports): nothing is trained on a GPU (attempts train in the notebook there); returns None."""
+    cfg, changes, cache_root, threads, share, log, early = args
     import contextlib
 
     import torch
 
-    torch.set_num_threads(threads)
-    cfg = cfg.replace(train={**cfg.train, "micro_threads": share})
+    if early and torch.cuda.is_available():
+        return None
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = cfg.replace(train={**cfg.train, "micro_threads": share or 0})  # 0: the share of the moment
+    cache = ResultCache(cache_root)
+    if log is None:
+        log = str(cache.root / KIND / ".logs" / f"{attempt_key(cfg, cache, **changes)}.log")
     Path(log).parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w", encoding="utf-8") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-        return run_attempt(cfg, ResultCache(cache_root), **changes).result.key
+        return run_attempt(cfg, cache, **changes).result.key
 
 
 _STEP = re.compile(rb"epoch \d+/\d+:\s+\d+%\|[^|\r\n]*\|\s*(\d+)/(\d+)")
@@ -191,10 +203,11 @@ def run_attempts(settings: list[tuple[RunConfig, dict[str, Any]]], cache: Result
     """`run_attempt(cfg, **changes)` for each (cfg, changes), in order; the uncached ones train side by side.
 
     Each attempt runs exactly as it would alone (same seed, same torch thread count; side-by-side micro-batches do
-    not change a result), so the results equal a one-by-one run; `workers` (default `default_workers`) spawned
-    processes share the work (after `start_workers`, its worker too, also for a lone attempt), each with its share of
-    the cores, and each attempt trained here is reported as computed, not reused. Spawned workers need the usual
-    `__main__` guard in a script.
+    not change a result), so the results equal a one-by-one run. After `captionlab.workers.start_workers` they
+    train in children of the warm worker server (two at a time on a CPU, a lone one on all cores; the setting that
+    call submitted is taken over here), else in `workers` (default `default_workers`) spawned processes when more
+    than one is due, each with its share of the cores; each attempt trained here is reported as computed, not
+    reused. Spawned workers need the usual `__main__` guard in a script.
     """
     with held_fingerprints():  # the settings share their data and model files (read-only): fingerprinted once
         return _run_attempts(settings, cache or ResultCache(), workers)
@@ -204,7 +217,7 @@ def _run_attempts(settings: list[tuple[RunConfig, dict[str, Any]]], cache: Resul
                   workers: int | None) -> list[Attempt]:
     import torch
 
-    from captionlab.workers import spawn_pool, stop_resource_tracker, take_warm_pool
+    from captionlab import workers as warm
 
     keys = [attempt_key(cfg, cache, **changes) for cfg, changes in settings]
     todo = [i for i, key in enumerate(keys) if not cache.stored(KIND, key)]
@@ -213,29 +226,52 @@ def _run_attempts(settings: list[tuple[RunConfig, dict[str, Any]]], cache: Resul
         workers = default_workers(settings[0][0], len(todo)) if settings else 1
     here = (not todo or not cache.enabled or (explicit and workers < 2) or settings[0][0].quick
             or torch.cuda.is_available())  # nothing to train, or it trains in this process
-    warm = take_warm_pool(wait=not here)
-    if warm is not None and here:
-        warm[0].shutdown(wait=False, cancel_futures=True)
-        warm = None
-    if warm is not None or (workers > 1 and cache.enabled and len(todo) > 1):
-        pool, size = warm or (spawn_pool(workers), workers)
-        procs = min(size, len(todo))
-        share = max(1, cpu_cores() // (procs * torch.get_num_threads()))
+    server, early = warm.server_pool(), warm.take_early()
+    threads = torch.get_num_threads()
+    jobs: dict[int, Any] = {}
+    if early is not None:  # 02's setup cell submitted the notebook's own setting: the job is one of these, or waste
+        (cfg0, changes0, root0, threads0, *_), future = early
+        key0 = attempt_key(cfg0, ResultCache(root0), **changes0) if Path(root0) == cache.root else None
+        match = [i for i in todo if keys[i] == key0 and threads0 in (None, threads)]
+        if match and not here:
+            jobs[match[0]] = future
+        elif server is not None:
+            server.hang_up(future)  # its child exits
+    if here:
+        server = None
+    if server is not None or (not here and workers > 1 and len(todo) > 1):
+        pool = server or warm.spawn_pool(workers)
+        procs = min(pool.max_workers if server else workers, len(todo))
+        share = max(1, cpu_cores() // (procs * threads))
         logs = {i: cache.root / KIND / ".logs" / f"{keys[i]}.log" for i in todo}
+        where = f"forked from the warm worker ({pool.path.name})" if server else "spawned"
         print(f"training {len(todo)} attempt{'s' * (len(todo) > 1)} in {procs} process{'es' * (procs > 1)} "
-              f"({share} core{'s' * (share > 1)} each; each as it would run alone); "
-              f"progress in {logs[todo[0]].parent}/", flush=True)
-        with pool:
-            jobs = {i: pool.submit(_attempt_worker, (settings[i][0], settings[i][1], str(cache.root),
-                                                     torch.get_num_threads(), share, str(logs[i]))) for i in todo}
-            _follow(jobs, logs, {i: _setting_label(settings[i][0], settings[i][1]) for i in todo})
+              f"({share} core{'s' * (share > 1)} each; each as it would run alone; {where}"
+              f"{', the first one submitted by the setup cell' if jobs else ''}); progress in {logs[todo[0]].parent}/",
+              flush=True)
+        with contextlib.nullcontext(pool) if server else pool:  # the server pool stays open for the next call
+            try:
+                for i in todo:
+                    if i not in jobs:
+                        jobs[i] = pool.submit(_attempt_worker, (settings[i][0], settings[i][1], str(cache.root),
+                                                                threads, None if server else share, str(logs[i]),
+                                                                False))
+                _follow(jobs, logs, {i: _setting_label(settings[i][0], settings[i][1]) for i in todo})
+            except BaseException:  # an interrupted notebook: the server's children of this call exit
+                for job in jobs.values():
+                    if server:
+                        server.hang_up(job)
+                raise
             for i, job in jobs.items():
                 try:
                     job.result()  # re-raises a worker's error here
+                except warm.WorkerUnavailable as e:  # trained below, in this process
+                    print(f"{e}: attempt {settings[i][1] or 'main'} trains in this process", flush=True)
                 except Exception as e:
                     raise RuntimeError(f"attempt {settings[i][1] or 'main'} failed ({type(e).__name__}: {e}); "
                                        f"its log: {logs[i]}") from e
-        stop_resource_tracker()
+        if not server:
+            warm.stop_resource_tracker()
     out = []
     trained_here = {keys[i] for i in todo}
     for cfg, changes in settings:

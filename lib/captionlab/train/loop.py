@@ -86,12 +86,15 @@ def _release_single_process_state(mixed_precision: str) -> None:
 
 def side_by_side(cfg: TrainConfig) -> int:
     """Threads for independent pieces of CPU work (a step's micro-batches, caption batches): `cfg.micro_threads`,
-    or for 0 the cores this process may run on over torch's thread count; 1 on a GPU."""
+    or for 0 this process's share of the cores it may run on (over torch's thread count, and over the attempts the
+    warm worker server runs now: `captionlab.workers.concurrent_jobs`, read at each call); 1 on a GPU."""
+    from captionlab.workers import concurrent_jobs
+
     if torch.cuda.is_available():
         return 1
     if cfg.micro_threads > 0:
         return cfg.micro_threads
-    return max(1, cpu_cores() // max(torch.get_num_threads(), 1))
+    return max(1, cpu_cores() // (max(torch.get_num_threads(), 1) * concurrent_jobs()))
 
 
 def micro_threads(cfg: TrainConfig, acc: Any) -> int:
@@ -235,6 +238,9 @@ def _train(captioner_cfg: CaptionerConfig, train_cfg: TrainConfig, data_root: Pa
         bar = tqdm(range(first, last), desc=f"epoch {epoch + 1}/{epochs}", disable=not acc.is_main_process,
                    leave=False)
         for s in bar:
+            if cfg.micro_threads == 0:  # this process's share of the cores, step by step (side_by_side)
+                threads = micro_threads(cfg, acc)
+                pool = thread_pool(threads) if threads > 1 else None
             batch = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
             denom = float(n_targets[batch].sum())
             step_loss = torch.zeros((), device=acc.device)
