@@ -10,7 +10,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from captionlab import workers
 from captionlab.utils import cpu_cores
 

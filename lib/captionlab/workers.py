@@ -33,9 +33,10 @@ import sysconfig
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, Future
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from captionlab.utils import cpu_cores
 
@@ -282,6 +283,7 @@ def _child(conn: socket.socket, request: dict[str, Any]) -> None:
 
 
 _STARTED: dict[Path, subprocess.Popen] = {}  # servers this process started
+_SERVE = "import sys; from captionlab.workers import serve; sys.exit(serve(sys.argv[1], float(sys.argv[2])))"
 
 
 def start_server(key: str | None = None) -> Path:
@@ -294,8 +296,7 @@ def start_server(key: str | None = None) -> Path:
         return path
     with open(path.with_suffix(".log"), "ab") as log:
         _STARTED[path] = subprocess.Popen(
-            [sys.executable, "-c", "import sys; from captionlab.workers import serve; "
-             "sys.exit(serve(sys.argv[1], float(sys.argv[2])))", str(path), str(idle_seconds())],
+            [sys.executable, "-c", _SERVE, str(path), str(idle_seconds())],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
             cwd=str(server_dir()))
     return path
@@ -463,7 +464,7 @@ class WarmPool(Executor):
             except OSError:
                 pass
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: object, tb: object) -> bool:
         self.shutdown(wait=True, cancel_futures=exc_type is not None)
         return False
 

@@ -17,7 +17,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from captionlab.workers import idle_seconds, running_servers, server_dir, socket_path
+    from captionlab.workers import (
+        idle_seconds,
+        running_servers,
+        server_dir,
+        socket_path,
+    )
 
     servers = running_servers()
     mine = socket_path()
