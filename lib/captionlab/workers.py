@@ -513,12 +513,12 @@ def _inputs_present(cfg: Any) -> bool:
     return all(p.exists() for p in paths)
 
 
-def notebook_torch_threads(world: str) -> int:
+def notebook_torch_threads(world: str) -> int | None:
     """Torch threads of a notebook's attempts: one on the demo world (its models are tiny:
-    `CAPTIONLAB_TORCH_THREADS` overrides), else the cores."""
+    `CAPTIONLAB_TORCH_THREADS` overrides), else None (torch's default, which the notebook keeps)."""
     if world == "demo":
         return int(os.environ.get("CAPTIONLAB_TORCH_THREADS", "1"))
-    return cpu_cores()
+    return None
 
 
 def server_pool() -> WarmPool | None:
