@@ -313,28 +313,29 @@ def _alive(path: Path) -> bool:
         return False
 
 
+def _server_pid(path: Path) -> int | None:
+    """The pid `serve` wrote into the lock file of `path`, while that process is a server for `path`."""
+    try:
+        pid = int(path.with_suffix(".lock").read_text() or 0)
+        return pid if pid > 0 and str(path) in Path(f"/proc/{pid}/cmdline").read_text(errors="replace") else None
+    except (OSError, ValueError):
+        return None
+
+
 def _server_starting(path: Path) -> bool:
     """Whether a server for `path` is on its way: one this process started, or the pid in its lock file, runs."""
     started = _STARTED.get(path)
-    if started is not None and started.poll() is None:
-        return True
-    try:
-        pid = int(path.with_suffix(".lock").read_text() or 0)
-        return pid > 0 and str(path) in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
-    except (OSError, ValueError):
-        return False
+    return (started is not None and started.poll() is None) or _server_pid(path) is not None
 
 
 def running_servers(folder: str | os.PathLike | None = None) -> list[tuple[int, Path]]:
     """(pid, socket) of each server in `folder` (default `server_dir()`) that answers."""
     folder = Path(folder) if folder else server_dir()
     found = []
-    for log in sorted(folder.glob("*.log")):
-        sock = log.with_suffix(".sock")
-        pids = [int(line.split()[2]) for line in log.read_text(errors="replace").splitlines()
-                if line.startswith("warm worker ")]
-        if pids and _alive(sock):
-            found.append((pids[-1], sock))
+    for sock in sorted(folder.glob("*.sock")):
+        pid = _server_pid(sock)
+        if pid is not None and _alive(sock):
+            found.append((pid, sock))
     return found
 
 
